@@ -1,0 +1,8 @@
+"""lmforge: train transformer language models for less compute by reusing what is already trained."""
+
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.model import Transformer
+
+__all__ = ["ModelConfig", "Transformer", "UserError"]
+__version__ = "0.1.0"

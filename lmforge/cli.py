@@ -1,0 +1,48 @@
+"""`lmforge <command> ...`: each command lives in its own module, which exposes
+`register(subparsers)` (adds its parser and sets `func`) so this file stays a dispatcher.
+
+A user mistake raises UserError anywhere below; here it becomes one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lmforge.errors import UserError
+
+# Modules that define a command; each has register(subparsers).
+COMMAND_MODULES = [
+    "lmforge.convert",
+    "lmforge.generate",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors already exit 2; keep them one line
+        self.exit(2, f"lmforge: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmforge", description="Train language models for less compute by reusing trained ones.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

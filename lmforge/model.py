@@ -1,0 +1,286 @@
+"""One readable Transformer for every family lmforge supports.
+
+Llama / Mistral / Qwen2 / SmolLM, GPT-2 and BERT are the same stack of blocks with different
+switches (see ModelConfig). Parameter names are lmforge's own and identical across families,
+so surgery (grow, fuse, tie) is written once:
+
+    embed.tok.weight  embed.pos.weight  embed.type.weight  embed.norm.{weight,bias}
+    layers.{i}.attn_norm.*  layers.{i}.attn.{q,k,v,o}_proj.*
+    layers.{i}.mlp_norm.*   layers.{i}.mlp.{gate,up,down}_proj.*
+    norm.*  lm_head.weight  pooler.dense.*  classifier.*
+
+In a pre-norm block (Llama, GPT-2) attn_norm / mlp_norm are applied to the sub-layer input;
+in a post-norm block (BERT) to the residual sum after it. Nothing here knows about
+parallelism, compilation or mixed precision: train.py and dist.py apply those from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Statistics in float32 as HF does, then back to the input dtype before the gain.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Per-pair rotation frequencies (head_dim/2,), with Llama 3's frequency-dependent scaling."""
+    d = cfg.dim_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind != "default":
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv_freq
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: (B, H, T, D); cos, sin: (T, D). HF's half-split layout: pairs are (i, i + D/2).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding; `pos` tokens are filled."""
+
+    k: list[Tensor]  # per layer (B, n_kv, max_len, D)
+    v: list[Tensor]
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_head)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.d = cfg.num_heads, cfg.n_kv_heads, cfg.dim_head
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=cfg.out_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, is_causal: bool,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            end = cache.pos + T
+            cache.k[layer][:, :, cache.pos:end] = k
+            cache.v[layer][:, :, cache.pos:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu,
+                    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = make_norm(cfg, cfg.hidden_size)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope, mask, is_causal, cache=None, layer=0, states=None) -> Tensor:
+        if self.pre_norm:
+            a = self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer)
+            x = x + a
+            x = x + self.mlp(self.mlp_norm(x))
+        else:
+            a = self.attn(x, rope, mask, is_causal, cache, layer)
+            x = self.attn_norm(x + a)
+            x = self.mlp_norm(x + self.mlp(x))
+        if states is not None:
+            states["attn"].append(a)
+        return x
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
+        self.type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.norm = make_norm(cfg, cfg.hidden_size) if cfg.embed_norm else None
+
+    def forward(self, input_ids: Tensor, positions: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        x = self.tok(input_ids)  # (B, T, C)
+        if self.pos is not None:
+            x = x + self.pos(positions)
+        if self.type is not None:
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.type(types)
+        return self.norm(x) if self.norm is not None else x
+
+
+class Transformer(nn.Module):
+    """`model(input_ids)` -> logits (B, T, V) for an LM head, (B, num_labels) for a classifier,
+    last hidden states (B, T, C) for a headless encoder."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = Embeddings(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg, cfg.hidden_size) if cfg.final_norm else None
+        if cfg.position == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.lm_head = self.pooler = self.classifier = None
+        if cfg.head == "lm":
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.embed.tok.weight
+        elif cfg.head == "classifier":
+            if cfg.pooler:
+                self.pooler = nn.ModuleDict({"dense": nn.Linear(cfg.hidden_size, cfg.hidden_size)})
+            self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=cfg.classifier_bias)
+
+    # ---- initialisation for training from scratch -------------------------------------------
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """GPT-2's scheme: N(0, std) everywhere, residual-writing projections scaled by 1/sqrt(2L)."""
+        resid_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm gains
+                nn.init.ones_(p)
+            else:
+                s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                nn.init.normal_(p, 0.0, s, generator=generator)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if exclude_embeddings:
+            n -= self.embed.tok.weight.numel()
+            if self.embed.pos is not None:
+                n -= self.embed.pos.weight.numel()
+        return n
+
+    # ---- forward --------------------------------------------------------------------------------
+    def _mask(self, T: int, start: int, attention_mask: Tensor | None, device) -> tuple[Tensor | None, bool]:
+        """Boolean (B|1, 1, T, S) mask (True = attend), or None with is_causal for SDPA's fast path."""
+        cfg, S = self.config, start + T
+        window = cfg.sliding_window if cfg.causal and cfg.sliding_window and cfg.sliding_window < S else None
+        if attention_mask is None and window is None and (not cfg.causal or start == 0):
+            return None, cfg.causal
+        qpos = torch.arange(start, S, device=device)[:, None]  # (T, 1)
+        kpos = torch.arange(S, device=device)[None, :]  # (1, S)
+        mask = (kpos <= qpos) if cfg.causal else torch.ones(T, S, dtype=torch.bool, device=device)
+        if window is not None:
+            mask = mask & (qpos - kpos < window)
+        mask = mask[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:  # (B, S) with 1 = real token, 0 = padding
+            mask = mask & attention_mask[:, None, None, :S].bool()
+        return mask, False
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
+                cache: KVCache | None = None, return_states: bool = False):
+        """input_ids (B, T). With return_states, also returns {"hidden": [x_0 .. x_L], "attn": [a_1 .. a_L]}:
+        x_0 the embeddings, x_i the output of layer i (before the final norm), a_i layer i's attention
+        output before it joins the residual stream."""
+        cfg = self.config
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > cfg.max_seq_len and cfg.position == "learned":
+            raise ValueError(f"sequence length {start + T} exceeds max_seq_len {cfg.max_seq_len}")
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        x = self.embed(input_ids, positions, token_type_ids)  # (B, T, C)
+        rope = None
+        if cfg.position == "rope":
+            freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        mask, is_causal = self._mask(T, start, attention_mask, input_ids.device)
+        states = {"hidden": [x], "attn": []} if return_states else None
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, mask, is_causal, cache, i, states)
+            if states is not None:
+                states["hidden"].append(x)
+        if cache is not None:
+            cache.pos += T
+        if self.norm is not None:
+            x = self.norm(x)
+        out = self._head(x, input_ids, attention_mask)
+        return (out, states) if return_states else out
+
+    def _head(self, x: Tensor, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+        cfg = self.config
+        if self.lm_head is not None:
+            return self.lm_head(x)  # (B, T, V)
+        if self.classifier is None:
+            return x  # (B, T, C)
+        if self.pooler is not None:  # BERT: the first ([CLS]) token through dense + tanh
+            return self.classifier(torch.tanh(self.pooler["dense"](x[:, 0])))  # (B, num_labels)
+        # Decoders score the last real token: the last non-pad one, as HF does.
+        T = input_ids.shape[1]
+        if cfg.pad_token_id is not None:
+            idx = (torch.arange(T, device=x.device) * (input_ids != cfg.pad_token_id)).argmax(-1)
+        elif attention_mask is not None:
+            idx = (torch.arange(T, device=x.device) * attention_mask.bool()).argmax(-1)
+        else:
+            idx = torch.full((x.shape[0],), T - 1, device=x.device)
+        return self.classifier(x[torch.arange(x.shape[0], device=x.device), idx])  # (B, num_labels)
+
+
+def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy; logits (B, T, V) and targets (B, T), already shifted."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
