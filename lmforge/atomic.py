@@ -25,6 +25,9 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise UserError(f"output {dst} already exists and is not empty (choose another path)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should be an ordinary folder
     try:
         yield tmp
     except BaseException:

@@ -14,8 +14,10 @@ from lmforge.errors import UserError
 
 # Modules that define a command; each has register(subparsers).
 COMMAND_MODULES = [
+    "lmforge.data",
     "lmforge.convert",
     "lmforge.generate",
+    "lmforge.train",
 ]
 
 
@@ -33,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "accepts_overrides", False):
+        args.overrides = extra  # --section.key=value, checked by the recipe loader
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
     except UserError as e:

@@ -73,11 +73,15 @@ class ModelConfig:
         need(self.activation in ("silu", "gelu", "gelu_tanh"), f"activation {self.activation!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_seq_len"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(self.n_kv_heads > 0 and self.num_heads % self.n_kv_heads == 0,
-             f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.n_kv_heads}")
+        need(
+            self.n_kv_heads > 0 and self.num_heads % self.n_kv_heads == 0,
+            f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.n_kv_heads}",
+        )
         if self.head_dim is None:
-            need(self.hidden_size % self.num_heads == 0,
-                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            need(
+                self.hidden_size % self.num_heads == 0,
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}",
+            )
         need(self.position != "rope" or self.dim_head % 2 == 0, f"head_dim {self.dim_head} must be even for RoPE")
         need(self.head != "classifier" or self.num_labels > 0, "a classifier head needs num_labels > 0")
 
@@ -120,9 +124,11 @@ class ModelConfig:
 # Small presets for the embedded default, tests and benchmarks; real models come from checkpoints.
 PRESETS: dict[str, ModelConfig] = {
     # The shape of the throughput benchmark: ~5M parameters (issue 3).
-    "llama-5m": ModelConfig(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, ffn_size=688,
-                            max_seq_len=1024),
+    "llama-5m": ModelConfig(
+        vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, ffn_size=688, max_seq_len=1024
+    ),
     # GPT-2 small's shape with a Llama block: the GPU benchmark model (~124M).
-    "llama-124m": ModelConfig(vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12, ffn_size=2048,
-                              max_seq_len=1024),
+    "llama-124m": ModelConfig(
+        vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12, ffn_size=2048, max_seq_len=1024
+    ),
 }

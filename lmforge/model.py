@@ -4,7 +4,7 @@ Llama / Mistral / Qwen2 / SmolLM, GPT-2 and BERT are the same stack of blocks wi
 switches (see ModelConfig). Parameter names are lmforge's own and identical across families,
 so surgery (grow, fuse, tie) is written once:
 
-    embed.tok.weight  embed.pos.weight  embed.type.weight  embed.norm.{weight,bias}
+    embed.tok.weight  embed.pos.weight  embed.token_type.weight  embed.norm.{weight,bias}
     layers.{i}.attn_norm.*  layers.{i}.attn.{q,k,v,o}_proj.*
     layers.{i}.mlp_norm.*   layers.{i}.mlp.{gate,up,down}_proj.*
     norm.*  lm_head.weight  pooler.dense.*  classifier.*
@@ -84,8 +84,10 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
         shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_head)
-        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
-                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)])
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+        )
 
 
 class Attention(nn.Module):
@@ -97,8 +99,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=cfg.out_bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None, is_causal: bool,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv, self.d).transpose(1, 2)  # (B, Hkv, T, D)
@@ -107,11 +116,12 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             end = cache.pos + T
-            cache.k[layer][:, :, cache.pos:end] = k
-            cache.v[layer][:, :, cache.pos:end] = v
+            cache.k[layer][:, :, cache.pos : end] = k
+            cache.v[layer][:, :, cache.pos : end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+        )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
 
 
@@ -123,8 +133,9 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act = {"silu": F.silu, "gelu": F.gelu,
-                    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[cfg.activation]
+        self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[
+            cfg.activation
+        ]
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
@@ -159,16 +170,16 @@ class Embeddings(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.hidden_size) if cfg.position == "learned" else None
-        self.type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg, cfg.hidden_size) if cfg.embed_norm else None
 
     def forward(self, input_ids: Tensor, positions: Tensor, token_type_ids: Tensor | None) -> Tensor:
         x = self.tok(input_ids)  # (B, T, C)
         if self.pos is not None:
             x = x + self.pos(positions)
-        if self.type is not None:
+        if self.token_type is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-            x = x + self.type(types)
+            x = x + self.token_type(types)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -184,14 +195,14 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg, cfg.hidden_size) if cfg.final_norm else None
         if cfg.position == "rope":
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.lm_head = self.pooler = self.classifier = None
+        self.lm_head = self.classifier = None
+        # BERT's pooler (dense + tanh on the first token) exists in headless checkpoints too.
+        self.pooler = nn.ModuleDict({"dense": nn.Linear(cfg.hidden_size, cfg.hidden_size)}) if cfg.pooler else None
         if cfg.head == "lm":
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
             if cfg.tie_embeddings:
                 self.lm_head.weight = self.embed.tok.weight
         elif cfg.head == "classifier":
-            if cfg.pooler:
-                self.pooler = nn.ModuleDict({"dense": nn.Linear(cfg.hidden_size, cfg.hidden_size)})
             self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=cfg.classifier_bias)
 
     # ---- initialisation for training from scratch -------------------------------------------
@@ -232,8 +243,14 @@ class Transformer(nn.Module):
             mask = mask & attention_mask[:, None, None, :S].bool()
         return mask, False
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
-                cache: KVCache | None = None, return_states: bool = False):
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        cache: KVCache | None = None,
+        return_states: bool = False,
+    ):
         """input_ids (B, T). With return_states, also returns {"hidden": [x_0 .. x_L], "attn": [a_1 .. a_L]}:
         x_0 the embeddings, x_i the output of layer i (before the final norm), a_i layer i's attention
         output before it joins the residual stream."""
@@ -270,12 +287,10 @@ class Transformer(nn.Module):
             return x  # (B, T, C)
         if self.pooler is not None:  # BERT: the first ([CLS]) token through dense + tanh
             return self.classifier(torch.tanh(self.pooler["dense"](x[:, 0])))  # (B, num_labels)
-        # Decoders score the last real token: the last non-pad one, as HF does.
+        # Decoders score the last non-pad token (HF's rule; without a pad id, the last position).
         T = input_ids.shape[1]
         if cfg.pad_token_id is not None:
             idx = (torch.arange(T, device=x.device) * (input_ids != cfg.pad_token_id)).argmax(-1)
-        elif attention_mask is not None:
-            idx = (torch.arange(T, device=x.device) * attention_mask.bool()).argmax(-1)
         else:
             idx = torch.full((x.shape[0],), T - 1, device=x.device)
         return self.classifier(x[torch.arange(x.shape[0], device=x.device), idx])  # (B, num_labels)

@@ -1,0 +1,173 @@
+"""`lmforge grow SRC --out DST`: a larger model initialised from a smaller trained one (lmforge.surgery.grow).
+
+Tensors stream from SRC through the growth map into DST one at a time (each target tensor is made from one
+source tensor), so memory holds about one output shard, not the model. `--check` then loads both models and
+prints one JSON line comparing their outputs on held-out text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.api import load, read_checkpoint, save_lmforge
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.hf import SHARD_BYTES, expected_shapes, save_hf
+from lmforge.surgery.grow import MODES, NOISES, check, exactness, grow
+from lmforge.surgery.grow_depth import DEPTHS
+
+# Held-out text for --check when the checkpoint has a tokenizer (written for this purpose, in no corpus).
+HELD_OUT_TEXT = (
+    "The lighthouse keeper counted the ships that passed each evening and wrote their names in a small green "
+    "book. When the fog came in from the east, he lit the lamp an hour early and listened for the bells of the "
+    "fishing boats. Most nights nothing happened at all, and he liked it that way: the sea was loud enough for "
+    "both of them. In the spring his niece arrived with a crate of seeds, a bicycle with one working brake, and "
+    "the firm opinion that a lighthouse ought to have a garden. By midsummer the rocks below the tower were "
+    "covered in beans, and the ships, he noticed, slowed down to look."
+)
+CHECK_TOKENS = 256
+MIN_SHARD_BYTES = 64 * 1024**2
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "grow",
+        help="grow a checkpoint wider and/or deeper, keeping its outputs (function-preserving init)",
+        description="Grow SRC (a Hugging Face folder, an lmforge folder or a .gguf file) into a larger model at "
+        "DST whose outputs start equal to SRC's. Sizes not given follow the hidden size's factor "
+        "(FFN scales with it; heads keep head_dim); see lmforge/surgery/grow.py for what is exact.",
+    )
+    p.add_argument("src", help="checkpoint to grow")
+    p.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --overwrite)")
+    for flag, what in (
+        ("--hidden", "hidden size"),
+        ("--ffn", "FFN size"),
+        ("--heads", "attention heads"),
+        ("--kv-heads", "KV heads (GQA)"),
+        ("--layers", "layers"),
+    ):
+        p.add_argument(flag, type=int, default=None, help=f"target {what}")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="clone",
+        help="clone: duplicate dims/neurons/heads; zero: pad with new ones (default: clone)",
+    )
+    p.add_argument(
+        "--depth",
+        choices=DEPTHS,
+        default="interleave",
+        help="where new layers go: interleave (evenly), top, bottom, or stack (G_stack copies, not "
+        "function preserving) (default: interleave)",
+    )
+    p.add_argument(
+        "--noise-snr-db",
+        type=float,
+        default=None,
+        help="symmetry-breaking noise on weights reading duplicated inputs, signal-to-noise in dB",
+    )
+    p.add_argument(
+        "--noise",
+        choices=NOISES,
+        default="cancel",
+        help="cancel: sums to zero over copies, outputs unchanged; plain: independent (default: cancel)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random new weights and the noise")
+    p.add_argument("--format", choices=("hf", "lmforge"), default="hf", help="form of DST (default: hf)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST once the new one is complete")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="run SRC and DST on held-out text and print one JSON line comparing their outputs",
+    )
+    p.add_argument("--check-text", default=None, help="text file for --check (default: a built-in paragraph)")
+    p.set_defaults(func=run)
+
+
+def shard_bytes(cfg: ModelConfig, itemsize: int) -> int:
+    """Shard size for the output: about 1/16 of it (64 MiB .. 2 GiB), since the writer holds a shard in memory
+    (and safetensors copies it once more while saving): small shards keep the peak well under the output size."""
+    total = sum(math.prod(s) for s in expected_shapes(cfg).values()) * itemsize
+    return max(MIN_SHARD_BYTES, min(SHARD_BYTES, total // 16))
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.check_text is not None and not Path(args.check_text).is_file():
+        raise UserError(f"--check-text {args.check_text} is not a file")
+    cfg, tensors, side = read_checkpoint(args.src)
+    cfg_t, out = grow(
+        cfg,
+        tensors,
+        hidden=args.hidden,
+        ffn=args.ffn,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        layers=args.layers,
+        mode=args.mode,
+        depth=args.depth,
+        noise_snr_db=args.noise_snr_db,
+        noise=args.noise,
+        seed=args.seed,
+    )
+    first = next(out, None)
+    if first is None:  # a model has tensors; an empty stream means the source had none
+        raise UserError(f"{args.src} holds no tensors")
+    out = itertools.chain([first], out)
+    if args.format == "hf":
+        summary = save_hf(
+            cfg_t,
+            out,
+            args.out,
+            side,
+            overwrite=args.overwrite,
+            max_shard_bytes=shard_bytes(cfg_t, first[1].element_size()),
+        )
+    else:
+        summary = save_lmforge(cfg_t, out, args.out, side, overwrite=args.overwrite)
+    sizes = " ".join(
+        f"{k} {a}->{b}"
+        for k, a, b in (
+            ("hidden", cfg.hidden_size, cfg_t.hidden_size),
+            ("ffn", cfg.ffn_size, cfg_t.ffn_size),
+            ("heads", f"{cfg.num_heads}/{cfg.n_kv_heads}", f"{cfg_t.num_heads}/{cfg_t.n_kv_heads}"),
+            ("layers", cfg.num_layers, cfg_t.num_layers),
+        )
+    )
+    noise = args.noise if args.noise_snr_db is not None else None
+    print(
+        f"grew {args.src} -> {args.out} ({args.format}, {args.mode}): {cfg.family}, {sizes}; "
+        f"{exactness(cfg, cfg_t, args.mode, args.depth, noise)}; {summary.params:,} parameters in "
+        f"{summary.files} file(s), {summary.dtype}, {time.perf_counter() - start:.1f} s"
+    )
+    if args.check:
+        print(json.dumps(_check(args, cfg, cfg_t, side)))
+    return 0
+
+
+def _check_ids(cfg: ModelConfig, side: dict[str, bytes], text_file: str | None) -> tuple[torch.Tensor, str]:
+    """(input ids (1, T), what they are): the checkpoint's tokenizer on held-out text, else random ids."""
+    limit = min(CHECK_TOKENS, cfg.max_seq_len)
+    if "tokenizer.json" in side:
+        from lmforge.tokenizer import Tokenizer
+
+        text = Path(text_file).read_text(encoding="utf-8", errors="replace") if text_file else HELD_OUT_TEXT
+        ids = Tokenizer.from_files(side).encode(text)[:limit]
+        if len(ids) >= 2 and max(ids) < cfg.vocab_size:
+            return torch.tensor([ids]), f"held-out text, {len(ids)} tokens"
+    ids = torch.randint(0, cfg.vocab_size, (1, limit), generator=torch.Generator().manual_seed(0))
+    return ids, f"random ids, {limit} tokens (no usable tokenizer in the checkpoint)"
+
+
+def _check(args: argparse.Namespace, cfg: ModelConfig, cfg_t: ModelConfig, side: dict[str, bytes]) -> dict:
+    ids, what = _check_ids(cfg, side, args.check_text)
+    # float32: the models may be large; exact growths measure ~1e-7 here (float64 gives ~1e-15 in the tests).
+    result = check(cfg, load(args.src), cfg_t, load(args.out), ids, dtype=torch.float32)
+    return {**result, "input": what, "dtype": "float32"}

@@ -1,0 +1,163 @@
+"""Training recipes: YAML files with four sections, overridable from the CLI as --section.key=value.
+
+    model:   a preset name and/or ModelConfig fields (ignored keys are errors), or init_from
+    data:    the tokenized corpus folder built by `lmforge data`
+    optim:   AdamW and the learning-rate schedule
+    train:   steps, batch, sequence length, evaluation, checkpoints, precision, parallelism
+
+Every key is checked: an unknown or mistyped key is a one-line error, never silently ignored.
+The resolved recipe (after overrides) is saved in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.config import PRESETS, ModelConfig
+from lmforge.errors import UserError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "runs/data/starter"  # folder with manifest.json, train/val shards (`lmforge data`)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    weight_decay: float = 0.1  # applied to matrices only, not to norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # global batch, in sequences, summed over ranks and accumulation
+    micro_batch_size: int = 0  # per-rank sequences per forward; 0 = batch_size / world (no accumulation)
+    seq_len: int = 256
+    seed: int = 0
+    eval_every: int = 100  # steps between validation losses; 0 = only at the start and the end
+    eval_batches: int = 20
+    log_every: int = 10
+    ckpt_every: int = 0  # steps between checkpoints; 0 = only the final one
+    keep_last: int = 2
+    out_dir: str = "runs/train"
+    init_from: str = ""  # start from this checkpoint (HF dir, lmforge dir or .gguf) instead of random
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    compile: str = "auto"  # auto (on for GPU) | true | false
+    parallel: str = "auto"  # auto (ddp if several ranks) | ddp | fsdp | none
+    device: str = "auto"  # auto | cpu | cuda
+    sample_prompts: tuple[str, ...] = ("The",)  # generated from at the end of training
+    sample_tokens: int = 48
+    export_hf: bool = True  # write the final model in Hugging Face form to out_dir/final
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
+    """Check a YAML value against the field's annotation (int accepted for float, list for tuple)."""
+    hint = typing.get_type_hints(_owner[section])[f.name]
+    where = f"{section}.{f.name}"
+    if isinstance(hint, types.UnionType) and value is None and type(None) in hint.__args__:
+        return None
+    base = typing.get_origin(hint) or hint
+    if isinstance(hint, types.UnionType):  # e.g. int | None
+        base = next(a for a in hint.__args__ if a is not type(None))
+        base = typing.get_origin(base) or base
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if base is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    if base is dict and isinstance(value, dict):
+        return value
+    if base in (int, float, str, bool) and (type(value) is base):
+        return value
+    raise UserError(f"recipe key {where} expects {getattr(base, '__name__', base)}, got {value!r}")
+
+
+_owner: dict[str, type] = {"model": ModelConfig, **SECTIONS}
+
+
+def _build(section: str, cls: type, values: dict[str, Any], base: Any = None) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(f"unknown recipe key {section}.{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(section, fields[k], v) for k, v in values.items()}
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _parse_override(arg: str) -> tuple[list[str], Any]:
+    if not arg.startswith("--") or "=" not in arg:
+        raise UserError(f"override {arg!r} must look like --section.key=value")
+    key, raw = arg[2:].split("=", 1)
+    path = key.split(".")
+    if len(path) != 2:
+        raise UserError(f"override {arg!r} must name section.key (e.g. --train.steps=100)")
+    return path, yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe YAML (or start from defaults when path is None) and apply --a.b=c overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"recipe {path} does not exist") from None
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read recipe {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"recipe {path} must be a mapping of sections")
+    unknown = sorted(set(raw) - {"model", *SECTIONS})
+    if unknown:
+        raise UserError(f"unknown recipe section {unknown[0]!r} (known: model, data, optim, train)")
+    for k in ("model", *SECTIONS):
+        if not isinstance(raw.get(k) or {}, dict):
+            raise UserError(f"recipe section {k} must be a mapping, got {raw[k]!r}")
+    sections = {k: dict(raw.get(k) or {}) for k in ("model", *SECTIONS)}
+    for arg in overrides:
+        (section, key), value = _parse_override(arg)
+        if section not in sections:
+            raise UserError(f"unknown recipe section {section!r} in {arg!r}")
+        sections[section][key] = value
+
+    model_values = sections["model"]
+    if sections["train"].get("init_from") and model_values:
+        raise UserError("give either a model section or train.init_from (its config comes from the checkpoint)")
+    preset = model_values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
+    base = PRESETS[preset] if preset else ModelConfig()
+    model = _build("model", ModelConfig, model_values, base)
+    return Recipe(model=model, **{name: _build(name, cls, sections[name]) for name, cls in SECTIONS.items()})

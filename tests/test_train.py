@@ -1,0 +1,158 @@
+"""The training loop: exact resume, and 2 CPU ranks (gloo) computing what one process computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.data import build_dataset
+from lmforge.recipe import load_recipe
+from lmforge.train import Trainer, lr_factor
+
+WORDS = [
+    "the",
+    "a",
+    "king",
+    "queen",
+    "said",
+    "and",
+    "of",
+    "to",
+    "in",
+    "his",
+    "her",
+    "land",
+    "sea",
+    "ship",
+    "war",
+    "peace",
+    "night",
+    "day",
+    "old",
+    "new",
+    "man",
+    "woman",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small corpus of random sentences, tokenized with a 300-token BPE."""
+    src = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for d in range(24):
+        text = "\n".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 15))) + "." for _ in range(40))
+        (src / f"doc{d:02d}.txt").write_text(text)
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    build_dataset(out, starter=False, inputs=[str(src)], tokenizer="bpe:300", val_fraction=0.1, seed=0)
+    return out
+
+
+def recipe_file(tmp_path: Path, data: Path, **train) -> Path:
+    model = {
+        "vocab_size": 320,
+        "hidden_size": 32,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "ffn_size": 64,
+        "max_seq_len": 64,
+        "tie_embeddings": True,
+    }
+    t = {
+        "steps": 6,
+        "batch_size": 4,
+        "seq_len": 32,
+        "eval_every": 3,
+        "eval_batches": 2,
+        "log_every": 1,
+        "out_dir": str(tmp_path / "run"),
+        "sample_prompts": ["the king"],
+        "sample_tokens": 8,
+        **train,
+    }
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    p = tmp_path / "recipe.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {"model": model, "data": {"path": str(data)}, "optim": {"lr": 1e-2, "warmup_steps": 2}, "train": t}
+        )
+    )
+    return p
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r.get("loss") is not None]
+
+
+def test_lr_schedule_warms_up_then_decays():
+    oc = load_recipe(None, ["--optim.warmup_steps=10", "--optim.min_lr_ratio=0.1"]).optim
+    f = [lr_factor(s, oc, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:])) and f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_train_end_to_end_writes_run_folder(tmp_path, data_dir, capsys):
+    assert main(["train", str(recipe_file(tmp_path, data_dir))]) == 0
+    run = tmp_path / "run"
+    for f in ("metrics.jsonl", "config.yaml", "run.json", "final/config.json", "final/model.safetensors"):
+        assert (run / f).exists(), f
+    assert len(losses(run)) == 6
+    assert "val loss" in capsys.readouterr().out
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
+    full = recipe_file(tmp_path / "a", data_dir)
+    Trainer(load_recipe(full)).run()
+    cut = recipe_file(tmp_path / "b", data_dir, ckpt_every=3)
+    t = Trainer(load_recipe(cut))
+    for _ in range(3):
+        t.train_step()
+    t.save()  # the process "dies" here
+    del t
+    torch.manual_seed(1234)  # any global RNG state: resume must restore its own
+    Trainer(load_recipe(cut), resume=True).run()
+    assert losses(tmp_path / "b" / "run")[-3:] == losses(tmp_path / "a" / "run")[-3:]
+
+
+def test_resume_refuses_another_config(tmp_path, data_dir, capsys):
+    r = recipe_file(tmp_path, data_dir)
+    assert main(["train", str(r)]) == 0
+    assert main(["train", str(r), "--resume", "--model.hidden_size=64"]) == 2
+    assert "hidden_size" in capsys.readouterr().err
+    assert main(["train", str(r)]) == 2  # without --resume the existing run is never overwritten
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(tmp_path, data_dir, mode):
+    one = recipe_file(tmp_path / "one", data_dir, export_hf=False, sample_prompts=[])
+    two = recipe_file(tmp_path / "two", data_dir, export_hf=False, sample_prompts=[], parallel=mode)
+    assert main(["train", str(one)]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "lmforge.cli",
+        "train",
+        str(two),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
