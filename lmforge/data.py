@@ -29,6 +29,7 @@ import torch
 
 from lmforge.atomic import atomic_dir
 from lmforge.errors import UserError
+from lmforge.packages import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "lmforge-tokens"
@@ -286,14 +287,6 @@ def read_manifest(folder: str | Path) -> dict:
     return m
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class TokenDataset:
     """One split of a token dataset, memory-mapped; shards read as one continuous stream."""
 
@@ -319,7 +312,7 @@ class TokenDataset:
                     f"{path} has {path.stat().st_size} bytes, the manifest says "
                     f"{shard['tokens']} tokens x {itemsize} (truncated or replaced?)"
                 )
-            if verify and _sha256_file(path) != shard["sha256"]:
+            if verify and sha256_file(path) != shard["sha256"]:
                 raise UserError(f"{path} does not match its sha256 in {MANIFEST} (corrupted or replaced)")
             if shard["tokens"]:
                 self._shards.append(np.memmap(path, dtype=self.dtype, mode="r"))

