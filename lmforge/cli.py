@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "lmforge.convert",
     "lmforge.generate",
     "lmforge.train",
+    "lmforge.grow_cli",
+    "lmforge.demo",
 ]
 
 
