@@ -134,25 +134,20 @@ def test_resume_refuses_another_config(tmp_path, data_dir, capsys):
     assert main(["train", str(r)]) == 2  # without --resume the existing run is never overwritten
 
 
+def run_cli(recipe: Path, nproc: int) -> None:
+    """`lmforge train` in fresh processes (1 thread each, so no state leaks in from other tests)."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launch, "-m", "lmforge.cli", "train", str(recipe)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, data_dir, mode):
     one = recipe_file(tmp_path / "one", data_dir, export_hf=False, sample_prompts=[])
     two = recipe_file(tmp_path / "two", data_dir, export_hf=False, sample_prompts=[], parallel=mode)
-    assert main(["train", str(one)]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "lmforge.cli",
-        "train",
-        str(two),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_cli(one, 1)
+    run_cli(two, 2)
     a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
     assert len(a) == len(b) == 6
-    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
