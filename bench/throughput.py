@@ -27,9 +27,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -55,6 +55,7 @@ class Setup:
     warmup: int  # untimed steps before the first round (compilation happens here)
     rounds: int  # rounds every variant runs at least
     max_seconds: float  # extra rounds (CPU) while some variant has too few clean rounds, up to this
+    matmul_precision: str  # torch.set_float32_matmul_precision for both sides and the GEMM reference
 
 
 def parse_args(argv: list[str] | None = None) -> Setup:
@@ -70,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         default=120.0,
         help="CPU: keep adding rounds, up to this many seconds of timing, while a variant has "
         "fewer than 3 clean rounds (default 120)",
+    )
+    p.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high", "medium"),
+        default="highest",
+        help="torch.set_float32_matmul_precision for everything (default highest: exact float32). On a CPU "
+        "'medium' lets oneDNN run float32 matmuls, in bf16 where the CPU has AMX",
     )
     p.add_argument("--quick", action="store_true", help="a smoke run: 2 rounds of 1 step, 2 warm-up steps")
     a = p.parse_args(argv)
@@ -91,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         warmup=a.warmup if a.warmup is not None else (2 if quick else 5 if cuda else 3),
         rounds=a.rounds or (2 if quick else 5),
         max_seconds=0.0 if quick else a.max_seconds,
+        matmul_precision=a.matmul_precision,
     )
 
 
@@ -113,6 +122,7 @@ class HFLogits(torch.nn.Module):
         hf_cfg = AutoConfig.for_model(**hf)
         torch.manual_seed(0)
         self.model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+        self.model.float()  # float32 master weights, like lmforge's (autocast does the bf16 on a GPU)
         if self.model.config._attn_implementation != "sdpa":
             raise RuntimeError(f"transformers picked {self.model.config._attn_implementation!r}, not sdpa")
 
@@ -135,8 +145,8 @@ def make_step(model: torch.nn.Module, setup: Setup, compiled: bool) -> Callable:
     """One optimizer step: forward, float32 cross-entropy, backward, AdamW. Under compile the forward and
     the loss are one graph (as in nanoGPT, whose model returns the loss), so the (B*T, V) softmax fuses."""
     model.to(setup.device).train()
-    # Fused AdamW (one kernel per tensor) on both devices: on a CPU the default is a per-tensor
-    # Python loop of ~10 ops each, ~10% of a llama-5m step.
+    # Fused AdamW (one kernel per tensor) on both sides and devices; on a CPU torch's default is a
+    # Python loop over the tensors, a few ops each.
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
     autocast = setup.dtype != torch.float32
 
@@ -233,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     cpu = setup.device.type == "cpu"
     if cpu:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_float32_matmul_precision(setup.matmul_precision)
     warnings.filterwarnings("ignore", module="torch._inductor")
     import transformers
 
@@ -246,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"# {setup.preset}: hidden {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, FFN "
         f"{cfg.ffn_size}, vocab {cfg.vocab_size}; batch {setup.batch} x {setup.seq_len} tokens; "
         f"{'float32' if setup.dtype == torch.float32 else 'bf16 autocast'} on {device_name(setup.device)}, "
-        f"{torch.get_num_threads()} threads; torch {torch.__version__}, transformers {transformers.__version__}"
+        f"{torch.get_num_threads()} threads, matmul precision {setup.matmul_precision}; "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
     )
     print(f"# training FLOPs per token {fpt / 1e6:.2f} M (lmforge.metrics.flops_per_token)", flush=True)
 
@@ -296,11 +308,18 @@ def main(argv: list[str] | None = None) -> dict:
     eager_ratio = tps["lmforge eager"] / tps["hf eager"]
     fraction = tps["lmforge compiled"] * fpt / gemm_flops
     mfu = tps["lmforge compiled"] * fpt / peak if peak else None
+    hf_mfu = tps["hf compiled"] * fpt / peak if peak else None
     print(
         f"lmforge / transformers: compiled {ratio:.2f}x, eager {eager_ratio:.2f}x; lmforge compiled reaches "
-        f"{fraction:.0%} of the GEMM rate" + (f", MFU {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s" if mfu else "")
+        f"{fraction:.0%} of the GEMM rate"
+        + (f", MFU {mfu:.1%} (transformers {hf_mfu:.1%}) of {peak / 1e12:.0f} TFLOP/s" if peak else "")
     )
-    if cpu and any(len(v.clean()) < len(v.tokens_per_s) for v in variants):
+    if cpu and any(not v.clean() for v in variants):
+        print(
+            f"WARNING: no clean round for {', '.join(v.name for v in variants if not v.clean())}: other processes "
+            "held the CPU throughout, so these figures measure the contention, not the models"
+        )
+    elif cpu and any(len(v.clean()) < len(v.tokens_per_s) for v in variants):
         print(f"note: rounds with CPU utilisation < {CLEAN_UTIL} (another process running) were set aside")
 
     result = {
@@ -315,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gemm_fraction": round(fraction, 3),
         "flops_per_token": fpt,
         "mfu": None if mfu is None else round(mfu, 4),
+        "hf_mfu": None if hf_mfu is None else round(hf_mfu, 4),
         "peak_tflops": None if peak is None else round(peak / 1e12, 1),
         "device": setup.device.type,
         "device_name": device_name(setup.device),
@@ -334,9 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
             "params": n_params["lmforge"],
         },
         "dtype": "float32" if setup.dtype == torch.float32 else "bf16-autocast",
+        "matmul_precision": setup.matmul_precision,
         "steps_per_round": setup.steps,
         "rounds": {v.name: [round(t, 1) for t in v.tokens_per_s] for v in variants},
         "clean_rounds": {v.name: len(v.clean()) for v in variants} if cpu else None,
+        "contended": cpu and any(not v.clean() for v in variants),
     }
     print(json.dumps(result))
     return result

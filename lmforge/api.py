@@ -27,10 +27,12 @@ from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.hf import (
     FLOAT_DTYPES,
+    SHARD_BYTES,
     ShardWriter,
     WriteSummary,
     check_tensors,
     expected_shapes,
+    header_bound,
     iter_hf_tensors,
     load_hf_config,
     read_headers,
@@ -135,13 +137,16 @@ def save_lmforge(
     directory: str | os.PathLike,
     tokenizer_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
+    max_shard_bytes: int = SHARD_BYTES,
 ) -> WriteSummary:
-    """Write lmforge.json + safetensors under lmforge names (+ tokenizer files), streaming; nothing left on failure."""
+    """Write lmforge.json + safetensors under lmforge names (+ tokenizer files), streaming tensor by tensor into
+    shards of about `max_shard_bytes`; nothing is left on failure."""
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp)
-        for name, t in check_tensors(cfg, tensors, "save"):
-            writer.add(name, t)
-        summary = writer.close()
+        with ShardWriter(tmp, max_shard_bytes, header_bound(expected_shapes(cfg))) as writer:
+            for name, t in check_tensors(cfg, tensors, "save"):
+                writer.add(name, t)
+                del t  # hold no tensor while the next one is made
+            summary = writer.close()
         cfg.save(tmp / LMFORGE_CONFIG)
         write_side_files(tmp, tokenizer_files)
     return summary

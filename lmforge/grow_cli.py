@@ -1,7 +1,7 @@
 """`lmforge grow SRC --out DST`: a larger model initialised from a smaller trained one (lmforge.surgery.grow).
 
 Tensors stream from SRC through the growth map into DST one at a time (each target tensor is made from one
-source tensor), so memory holds about one output shard, not the model. `--check` then loads both models and
+source tensor), so memory holds about one tensor, not the model. `--check` then loads both models and
 prints one JSON line comparing their outputs on held-out text.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from lmforge.api import load, read_checkpoint, save_lmforge
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.hf import SHARD_BYTES, expected_shapes, save_hf
+from lmforge.hf import save_hf
 from lmforge.surgery.grow import MODES, NOISES, check, exactness, grow
 from lmforge.surgery.grow_depth import DEPTHS
 
@@ -33,7 +32,6 @@ HELD_OUT_TEXT = (
     "covered in beans, and the ships, he noticed, slowed down to look."
 )
 CHECK_TOKENS = 256
-MIN_SHARD_BYTES = 64 * 1024**2
 
 
 def register(subparsers) -> None:
@@ -88,21 +86,27 @@ def register(subparsers) -> None:
         help="run SRC and DST on held-out text and print one JSON line comparing their outputs",
     )
     p.add_argument("--check-text", default=None, help="text file for --check (default: a built-in paragraph)")
+    p.add_argument(
+        "--optimizer-state",
+        action="store_true",
+        help="SRC is a training checkpoint (a run folder or checkpoints/step_N): grow its AdamW moments through the "
+        "same map into DST/optimizer_state.pt (lmforge.surgery.grow_optim)",
+    )
     p.set_defaults(func=run)
-
-
-def shard_bytes(cfg: ModelConfig, itemsize: int) -> int:
-    """Shard size for the output: about 1/16 of it (64 MiB .. 2 GiB), since the writer holds a shard in memory
-    (and safetensors copies it once more while saving): small shards keep the peak well under the output size."""
-    total = sum(math.prod(s) for s in expected_shapes(cfg).values()) * itemsize
-    return max(MIN_SHARD_BYTES, min(SHARD_BYTES, total // 16))
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.check_text is not None and not Path(args.check_text).is_file():
         raise UserError(f"--check-text {args.check_text} is not a file")
-    cfg, tensors, side = read_checkpoint(args.src)
+    trained = None
+    if args.optimizer_state:  # a training checkpoint: weights, AdamW state, step
+        from lmforge.surgery.grow_optim import read_training_checkpoint
+
+        trained = read_training_checkpoint(args.src)
+        cfg, tensors, side = trained.config, trained.model_state, trained.tokenizer_files
+    else:
+        cfg, tensors, side = read_checkpoint(args.src)
     cfg_t, out = grow(
         cfg,
         tensors,
@@ -117,19 +121,20 @@ def run(args: argparse.Namespace) -> int:
         noise=args.noise,
         seed=args.seed,
     )
+    if trained is not None:  # grown before DST is written, which then holds it as one more file (atomically)
+        from lmforge.surgery.grow_optim import OPTIMIZER_STATE_FILE, grow_optimizer_state, optimizer_state_bytes
+
+        keys = ("hidden", "ffn", "heads", "kv_heads", "layers", "mode", "depth")
+        _, moments = grow_optimizer_state(cfg, trained.optimizer_state, **{k: getattr(args, k) for k in keys})
+        side = {**side, OPTIMIZER_STATE_FILE: optimizer_state_bytes(moments, trained.step)}
+        del moments
     first = next(out, None)
     if first is None:  # a model has tensors; an empty stream means the source had none
         raise UserError(f"{args.src} holds no tensors")
     out = itertools.chain([first], out)
+    del first  # the stream holds it until it is written, no longer
     if args.format == "hf":
-        summary = save_hf(
-            cfg_t,
-            out,
-            args.out,
-            side,
-            overwrite=args.overwrite,
-            max_shard_bytes=shard_bytes(cfg_t, first[1].element_size()),
-        )
+        summary = save_hf(cfg_t, out, args.out, side, overwrite=args.overwrite)  # streams: memory ~ one tensor
     else:
         summary = save_lmforge(cfg_t, out, args.out, side, overwrite=args.overwrite)
     sizes = " ".join(
@@ -148,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.files} file(s), {summary.dtype}, {time.perf_counter() - start:.1f} s"
     )
     if args.check:
-        print(json.dumps(_check(args, cfg, cfg_t, side)))
+        src_model = trained.model_state if trained is not None else None
+        print(json.dumps(_check(args, cfg, cfg_t, side, src_model)))
     return 0
 
 
@@ -166,8 +172,11 @@ def _check_ids(cfg: ModelConfig, side: dict[str, bytes], text_file: str | None) 
     return ids, f"random ids, {limit} tokens (no usable tokenizer in the checkpoint)"
 
 
-def _check(args: argparse.Namespace, cfg: ModelConfig, cfg_t: ModelConfig, side: dict[str, bytes]) -> dict:
+def _check(
+    args: argparse.Namespace, cfg: ModelConfig, cfg_t: ModelConfig, side: dict[str, bytes], src_model=None
+) -> dict:
     ids, what = _check_ids(cfg, side, args.check_text)
     # float32: the models may be large; exact growths measure ~1e-7 here (float64 gives ~1e-15 in the tests).
-    result = check(cfg, load(args.src), cfg_t, load(args.out), ids, dtype=torch.float32)
+    src = src_model if src_model is not None else load(args.src)  # a training checkpoint's state, or a checkpoint
+    result = check(cfg, src, cfg_t, load(args.out), ids, dtype=torch.float32)
     return {**result, "input": what, "dtype": "float32"}

@@ -1,15 +1,16 @@
 """Hugging Face <-> lmforge tensors: name maps, streaming safetensors read and write (config.json: hf_config.py).
 
 Reading never holds more than one tensor beyond what the caller keeps: headers are checked first (names,
-shapes, dtypes against the config), then tensors are read one by one with `safe_open`. Writing fills
-~2 GB safetensors shards as tensors arrive. Pickled `pytorch_model.bin` checkpoints are refused, never
-unpickled: safetensors is required. Core lmforge code does not import transformers.
+shapes, dtypes against the config, with `safe_open`), then each tensor is read with a plain file read into
+a fresh tensor (no mmap, whose pages would stay resident). Writing streams each tensor's bytes straight into
+its ~2 GB shard file and fills in the header when the shard is complete, so no shard is ever held in memory.
+Pickled `pytorch_model.bin` checkpoints are refused, never unpickled: safetensors is required. Core lmforge
+code does not import transformers.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -18,16 +19,15 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from lmforge.atomic import atomic_dir
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.hf_config import ARCHITECTURES, BASE_PREFIX, LLAMA_LIKE, config_from_hf, config_to_hf, load_hf_config
-from lmforge.model import Transformer
 
 SHARD_BYTES = 2 * 1024**3  # HF's usual shard size: large files, few of them
+HEADER_BYTES = 64 * 1024  # header space a shard reserves when the writer is not told the tensors to come
 INDEX_NAME = "model.safetensors.index.json"
 # Files beside the weights that travel with a checkpoint verbatim (tokenizer, chat template, sampling defaults).
 SIDE_FILES = (
@@ -120,12 +120,50 @@ _IGNORED = re.compile(
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """lmforge name -> shape of every tensor a checkpoint of `cfg` stores (a tied lm_head is the embedding)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if cfg.head == "lm" and cfg.tie_embeddings:
-        del shapes["lm_head.weight"]
+    """lmforge name -> shape of every tensor a checkpoint of `cfg` stores (a tied lm_head is the embedding).
+
+    Derived from the config alone, in Transformer's state_dict order (tests/test_hf_streaming.py holds the two
+    equal): building even a meta-device model costs a second and ~70 MB (nn.Embedding imports torch._dynamo)."""
+    C, D, F = cfg.hidden_size, cfg.dim_head, cfg.ffn_size
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, n_out: int, n_in: int, bias: bool) -> None:
+        shapes[f"{name}.weight"] = (n_out, n_in)
+        if bias:
+            shapes[f"{name}.bias"] = (n_out,)
+
+    def norm(name: str) -> None:
+        shapes[f"{name}.weight"] = (C,)
+        if cfg.norm == "layernorm":
+            shapes[f"{name}.bias"] = (C,)
+
+    shapes["embed.tok.weight"] = (cfg.vocab_size, C)
+    if cfg.position == "learned":
+        shapes["embed.pos.weight"] = (cfg.max_seq_len, C)
+    if cfg.type_vocab_size:
+        shapes["embed.token_type.weight"] = (cfg.type_vocab_size, C)
+    if cfg.embed_norm:
+        norm("embed.norm")
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        norm(f"{p}attn_norm")
+        linear(f"{p}attn.q_proj", cfg.num_heads * D, C, cfg.qkv_bias)
+        linear(f"{p}attn.k_proj", cfg.n_kv_heads * D, C, cfg.qkv_bias)
+        linear(f"{p}attn.v_proj", cfg.n_kv_heads * D, C, cfg.qkv_bias)
+        linear(f"{p}attn.o_proj", C, cfg.num_heads * D, cfg.out_bias)
+        norm(f"{p}mlp_norm")
+        if cfg.mlp == "swiglu":
+            linear(f"{p}mlp.gate_proj", F, C, cfg.mlp_bias)
+        linear(f"{p}mlp.up_proj", F, C, cfg.mlp_bias)
+        linear(f"{p}mlp.down_proj", C, F, cfg.mlp_bias)
+    if cfg.final_norm:
+        norm("norm")
+    if cfg.pooler:
+        linear("pooler.dense", C, C, True)
+    if cfg.head == "lm" and not cfg.tie_embeddings:
+        linear("lm_head", cfg.vocab_size, C, False)
+    elif cfg.head == "classifier":
+        linear("classifier", cfg.num_labels, C, cfg.classifier_bias)
     return shapes
 
 
@@ -215,18 +253,77 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], st
     return found
 
 
+# safetensors dtype names; the format is little-endian, like every host torch runs on (x86, ARM).
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ST_NAME = {dtype: name for name, dtype in ST_DTYPES.items()}
+
+
+def _bytes_of(t: Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _read_header(f) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header dict) of an open safetensors file."""
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return 8 + n, header
+
+
+def _read_tensor(f, data_start: int, entry: dict[str, Any]) -> Tensor:
+    """One tensor of an open safetensors file, read into a fresh tensor (readinto: no intermediate copy)."""
+    begin, end = entry["data_offsets"]
+    t = torch.empty(entry["shape"], dtype=ST_DTYPES[entry["dtype"]])
+    buf = _bytes_of(t)
+    if len(buf) != end - begin:
+        raise ValueError(f"{len(buf)} bytes for its shape and dtype but data_offsets span {end - begin}")
+    f.seek(data_start + begin)
+    done = 0
+    while done < len(buf):  # one read() returns at most ~2 GB on Linux
+        n = f.readinto(buf[done:])
+        if not n:
+            raise ValueError("file ends inside the tensor's data")
+        done += n
+    return t
+
+
 def stream_tensors(plan: list[tuple[Path, str, Any]], convert) -> Iterator[tuple[str, Tensor]]:
-    """Read each (file, name, item) of `plan` one tensor at a time and yield what convert(item, tensor) yields."""
+    """Read each (file, name, item) of `plan` one tensor at a time and yield what convert(item, tensor) yields.
+
+    Plain reads, not safe_open's mmap: mapped pages a tensor was read from count in the process's memory until
+    the file is closed, which held the whole source resident by the end of a file."""
     by_file: dict[Path, list[tuple[str, Any]]] = {}
     for path, name, item in plan:
         by_file.setdefault(path, []).append((name, item))
+    for item, t in _read_files(by_file):
+        yield from convert(item, t)
+        del t  # free the source tensor before the next one is read (the caller holds what it keeps)
+
+
+def _read_files(by_file: dict[Path, list[tuple[str, Any]]]) -> Iterator[tuple[Any, Tensor]]:
     for path, items in by_file.items():
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with open(path, "rb", buffering=0) as f:
+                data_start, header = _read_header(f)
                 for name, item in items:
-                    yield from convert(item, f.get_tensor(name))
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"cannot read {path}: {e}") from None
+                    yield item, _read_tensor(f, data_start, header[name])
+        except (OSError, ValueError, KeyError, TypeError) as e:  # not the consumer's errors: those stay outside
+            raise UserError(f"cannot read {path}: {e!r}") from None
 
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -293,6 +390,7 @@ def check_tensors(
             raise UserError(f"{source}: tensor {name} has dtype {t.dtype}; lmforge needs float tensors")
         seen.add(name)
         yield name, t
+        del t  # a suspended generator's locals stay alive: let this one go before the next is made
     missing = [n for n in shapes if n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -300,12 +398,6 @@ def check_tensors(
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @dataclass
 class WriteSummary:
     tensors: int = 0  # tensors written (a fused GPT-2 c_attn counts once)
@@ -315,39 +407,107 @@ class WriteSummary:
     dtype: str = ""
 
 
-class ShardWriter:
-    """Write tensors into safetensors shards of about `max_bytes` as they arrive; memory holds one shard."""
+def _entry_json(name: str, dtype: str, shape: Iterable[int], begin: int, end: int) -> bytes:
+    """One tensor's part of a safetensors header: `,"name":{...}` (compact JSON, as the header is written)."""
+    entry = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    return b"," + json.dumps({name: entry}, separators=(",", ":"))[1:-1].encode()
 
-    def __init__(self, folder: Path, max_bytes: int = SHARD_BYTES):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.buffer: dict[str, Tensor] = {}
-        self.buffered = 0
-        self.shards: list[list[str]] = []
+
+_METADATA = b'{"__metadata__":{"format":"pt"}'  # transformers checks format == "pt"; the header's closing } follows
+
+
+def header_bound(shapes: Mapping[str, Iterable[int]]) -> int:
+    """Bytes a safetensors header holding all these tensors can take (widest dtype name, 20-digit offsets): the
+    header space a writer that will get (some of) them reserves per shard."""
+    big = 10**19
+    return len(_METADATA) + 1 + sum(len(_entry_json(n, "F8_E4M3", s, big, big)) for n, s in shapes.items())
+
+
+def _write_all(f, data: memoryview) -> None:
+    """Write every byte: a raw write may write fewer (at most ~2 GB at once on Linux)."""
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:])
+
+
+class ShardWriter:
+    """Write tensors into safetensors shards of about `max_bytes` as they arrive, each tensor's bytes straight
+    to the shard file: memory never holds a shard, and nothing is copied on the way.
+
+    A shard file starts with `header_bytes` (rounded up to 8) of reserved header space; its data follows, and
+    the header (padded with spaces, which JSON ignores) is written into that space when the shard is
+    complete. A shard ends when the next tensor would take it past max_bytes or its header past the reserved
+    space (a tensor that fits neither alone gets a shard of its own). Use as a context manager, so that a
+    failure closes the open file; `close()` finishes the last shard, names the files (model.safetensors, or
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json) and returns what was written.
+
+    (Writing in a background thread while the caller makes the next tensor was measured: no faster on 2 busy
+    cores, where the growth's own torch threads already fill both.)"""
+
+    def __init__(self, folder: Path, max_bytes: int = SHARD_BYTES, header_bytes: int = HEADER_BYTES):
+        self.folder, self.max_bytes, self.header_bytes = Path(folder), max_bytes, header_bytes
+        self.shards: list[list[str]] = []  # tensor names of each shard
         self.summary = WriteSummary()
+        self._file = None  # the open shard
+        self._reserved = 0  # its header space
+        self._header = [_METADATA]  # its header so far
+        self._header_len = 0
+        self._offset = 0  # its data bytes so far
+        self._names: set[str] = set()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:  # a failure before close(): the folder is about to be removed
+            self._file.close()
+            self._file = None
 
     def add(self, name: str, t: Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"tensor {name} written twice")
         t = t.detach().to("cpu").contiguous()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # a view into a larger tensor: safetensors refuses shared storage
-        size = t.numel() * t.element_size()
-        if self.buffer and self.buffered + size > self.max_bytes:
-            self._flush()
-        self.buffer[name] = t
-        self.buffered += size
+        if t.dtype not in _ST_NAME:
+            raise ValueError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot hold")
+        dtype, size = _ST_NAME[t.dtype], t.numel() * t.element_size()
+        entry = _entry_json(name, dtype, t.shape, self._offset, self._offset + size)
+        if self._file is not None and (
+            self._offset + size > self.max_bytes or self._header_len + len(entry) > self._reserved
+        ):
+            self._finish_shard()
+        if self._file is None:
+            entry = _entry_json(name, dtype, t.shape, 0, size)
+            self._start_shard(len(entry))
+        _write_all(self._file, _bytes_of(t))
+        self._header.append(entry)
+        self._header_len += len(entry)
+        self._offset += size
+        self.shards[-1].append(name)
+        self._names.add(name)
         s = self.summary
         s.tensors, s.params, s.bytes = s.tensors + 1, s.params + t.numel(), s.bytes + size
         s.dtype = s.dtype or str(t.dtype).removeprefix("torch.")
 
-    def _flush(self) -> None:
-        path = self.folder / f".shard-{len(self.shards)}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        os.chmod(path, 0o666 & ~_umask())  # safetensors creates files private (0600); make them like any other
-        self.shards.append(list(self.buffer))
-        self.buffer, self.buffered = {}, 0
+    def _start_shard(self, first_entry: int) -> None:
+        self._header, self._header_len, self._offset = [_METADATA], len(_METADATA) + 1, 0
+        self._reserved = -(-max(self.header_bytes, self._header_len + first_entry) // 8) * 8  # 8-byte aligned data
+        self._file = open(self.folder / f".shard-{len(self.shards)}.safetensors", "wb", buffering=0)  # noqa: SIM115
+        self._file.seek(8 + self._reserved)  # the data's place; the header is written over the gap at the end
+        self.shards.append([])
+
+    def _finish_shard(self) -> None:
+        header = b"".join(self._header) + b"}"
+        assert len(header) <= self._reserved, (len(header), self._reserved)  # add() keeps it so
+        self._file.seek(0)
+        _write_all(self._file, memoryview(self._reserved.to_bytes(8, "little") + header.ljust(self._reserved)))
+        self._file.close()
+        self._file = None
 
     def close(self) -> WriteSummary:
-        if self.buffer or not self.shards:
-            self._flush()
+        if self._file is None and not self.shards:  # no tensors: one valid, empty file
+            self._start_shard(0)
+        if self._file is not None:
+            self._finish_shard()
         n = len(self.shards)
         if n == 1:
             (self.folder / ".shard-0.safetensors").rename(self.folder / "model.safetensors")
@@ -388,18 +548,21 @@ def save_hf(
     hf_config = config_to_hf(cfg)
     arch = hf_config["architectures"][0]
     shapes = expected_shapes(cfg)
-    rule_of = {name: r for r in _rules(cfg, shapes) for name in r.lm}
+    rules = _rules(cfg, shapes)
+    rule_of = {name: r for r in rules for name in r.lm}
+    header = header_bound({_hf_name(r, arch, cfg.family): _hf_shape(r, shapes) for r in rules})
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        pending: dict[_Rule, dict[str, Tensor]] = {}  # GPT-2's fused c_attn waits for its q, k and v
-        for name, t in check_tensors(cfg, tensors, "export"):
-            rule = rule_of[name]
-            parts = pending.setdefault(rule, {})
-            parts[name] = t
-            if len(parts) == len(rule.lm):
-                del pending[rule]
-                writer.add(_hf_name(rule, arch, cfg.family), _from_lm(rule, [parts[n] for n in rule.lm]))
-        summary = writer.close()
+        with ShardWriter(tmp, max_shard_bytes, header) as writer:
+            pending: dict[_Rule, dict[str, Tensor]] = {}  # GPT-2's fused c_attn waits for its q, k and v
+            for name, t in check_tensors(cfg, tensors, "export"):
+                rule = rule_of[name]
+                parts = pending.setdefault(rule, {})
+                parts[name] = t
+                if len(parts) == len(rule.lm):
+                    del pending[rule]
+                    writer.add(_hf_name(rule, arch, cfg.family), _from_lm(rule, [parts[n] for n in rule.lm]))
+                del t, parts  # hold no tensor while the next one is made
+            summary = writer.close()
         hf_config["dtype"] = hf_config["torch_dtype"] = summary.dtype
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         side = dict(tokenizer_files or {})
@@ -413,7 +576,9 @@ def save_hf(
 # The config.json side is re-exported so that callers import one HF module.
 __all__ = [
     "ARCHITECTURES",
+    "HEADER_BYTES",
     "SHARD_BYTES",
+    "ST_DTYPES",
     "SIDE_FILES",
     "ShardWriter",
     "WriteSummary",
@@ -421,6 +586,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "expected_shapes",
+    "header_bound",
     "iter_hf_tensors",
     "load_hf_config",
     "read_headers",
