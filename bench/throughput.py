@@ -1,14 +1,15 @@
 """Training throughput: lmforge's Transformer versus transformers' LlamaForCausalLM of the same shape.
 
     python bench/throughput.py [--device cpu|cuda] [--steps N] [--warmup N] [--rounds N] [--quick]
+                               [--batch N] [--max-seconds S] [--matmul-precision highest|high|medium]
 
-Both sides run the same plain loop (forward, float32 cross-entropy, backward, AdamW step) on the same
-random tokens, eager and under torch.compile. The four variants are timed in short rounds taken in
-alternating order, so a background job slows all of them alike, and each figure is the median over
-rounds. On a CPU a round in which another process took cores from the benchmark (its process CPU
-time fell below 90% of wall time x threads) is set aside when enough clean rounds exist: there the
-OpenMP threads wait for each other and a round runs several times slower, which measures the
-neighbour, not the model.
+Both sides run the same plain loop (forward, float32 cross-entropy, backward, fused AdamW step) on the
+same random tokens, eager and under torch.compile. The four variants are timed in short rounds taken
+in alternating order, so a background job slows all of them alike: tokens/s is the median over rounds,
+ratios (lmforge / transformers, training FLOP/s / GEMM rate) the median of per-round ratios. On a CPU
+a round in which another process took cores from the benchmark (its process CPU time fell below 90%
+of wall time x threads) is set aside when clean rounds exist: there the OpenMP threads wait for each
+other and a step runs up to 10x slower, which measures the neighbour, not the model.
 
 CPU: PRESETS["llama-5m"], batch 8 x 256 tokens, float32, against this machine's float32 GEMM rate
 (torch.mm of two 1024 x 1024 matrices, measured between the rounds). CUDA: PRESETS["llama-124m"],
@@ -53,8 +54,8 @@ class Setup:
     dtype: torch.dtype  # autocast dtype; float32 = no autocast
     steps: int  # timed steps per round
     warmup: int  # untimed steps before the first round (compilation happens here)
-    rounds: int  # rounds every variant runs at least
-    max_seconds: float  # extra rounds (CPU) while some variant has too few clean rounds, up to this
+    rounds: int  # rounds of the four variants, unless max_seconds runs out first
+    max_seconds: float  # timing budget: stop after this (at least 2 rounds); extra CPU rounds while any is short
     matmul_precision: str  # torch.set_float32_matmul_precision for both sides and the GEMM reference
 
 
@@ -63,14 +64,18 @@ def parse_args(argv: list[str] | None = None) -> Setup:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, help="timed steps per variant per round (CPU 3, CUDA 10)")
     p.add_argument("--warmup", type=int, help="untimed steps per variant, compilation included (CPU 3, CUDA 5)")
-    p.add_argument("--rounds", type=int, help="rounds of alternating measurements (default 5, --quick 2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds of alternating measurements, fewer if --max-seconds runs out (default 5, --quick 2)",
+    )
     p.add_argument("--batch", type=int, help="sequences per step (CPU 8, CUDA 16)")
     p.add_argument(
         "--max-seconds",
         type=float,
-        default=120.0,
-        help="CPU: keep adding rounds, up to this many seconds of timing, while a variant has "
-        "fewer than 3 clean rounds (default 120)",
+        default=150.0,
+        help="time budget of the measurements: no round starts after it once 2 are done; below it, CPU runs "
+        "add rounds while a variant has fewer than 3 clean ones (default 150)",
     )
     p.add_argument(
         "--matmul-precision",
@@ -98,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> Setup:
         steps=a.steps or (1 if quick else 10 if cuda else 3),
         warmup=a.warmup if a.warmup is not None else (2 if quick else 5 if cuda else 3),
         rounds=a.rounds or (2 if quick else 5),
-        max_seconds=0.0 if quick else a.max_seconds,
+        max_seconds=0.0 if quick else a.max_seconds,  # --quick: exactly 2 rounds
         matmul_precision=a.matmul_precision,
     )
 
@@ -137,8 +142,22 @@ class Variant:
     tokens_per_s: list[float] = field(default_factory=list)
     util: list[float] = field(default_factory=list)  # process CPU time / (wall x threads), per round
 
+    def ok(self) -> list[bool]:
+        return [u >= CLEAN_UTIL for u in self.util]
+
     def clean(self) -> list[float]:
-        return [t for t, u in zip(self.tokens_per_s, self.util) if u >= CLEAN_UTIL]
+        return [t for t, ok in zip(self.tokens_per_s, self.ok()) if ok]
+
+    def median(self) -> float:
+        return statistics.median(self.clean() or self.tokens_per_s)
+
+
+def paired_ratio(num: list[float], num_ok: list[bool], den: list[float], den_ok: list[bool]) -> float:
+    """Median over rounds of num[r] / den[r], from the rounds clean on both sides if there are any: two
+    figures taken a few seconds apart share the machine's state (clock, neighbours) better than two medians."""
+    pairs = list(zip(num, num_ok, den, den_ok))
+    clean = [n / d for n, a, d, b in pairs if a and b]
+    return statistics.median(clean or [n / d for n, _, d, _ in pairs])
 
 
 def make_step(model: torch.nn.Module, setup: Setup, compiled: bool) -> Callable:
@@ -180,7 +199,9 @@ def time_round(v: Variant, x: torch.Tensor, y: torch.Tensor, setup: Setup) -> No
     _sync(setup.device)
     wall = time.perf_counter() - wall0
     v.tokens_per_s.append(setup.steps * x.numel() / wall)
-    v.util.append((time.process_time() - cpu0) / wall / torch.get_num_threads())
+    # On a GPU the host thread waits in synchronize, so CPU time says nothing: every round counts.
+    cpu_util = (time.process_time() - cpu0) / wall / torch.get_num_threads()
+    v.util.append(cpu_util if setup.device.type == "cpu" else 1.0)
 
 
 def measure_gemm(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
@@ -199,12 +220,7 @@ def measure_gemm(device: torch.device, dtype: torch.dtype) -> tuple[float, float
         _sync(device)
         flops = 2.0 * n**3 * iters / (time.perf_counter() - start)
     util = (time.process_time() - cpu0) / (time.perf_counter() - wall0) / torch.get_num_threads()
-    return flops, util
-
-
-def median_of(v: Variant, cpu: bool) -> float:
-    clean = v.clean() if cpu else v.tokens_per_s
-    return statistics.median(clean if clean else v.tokens_per_s)
+    return flops, util if device.type == "cpu" else 1.0
 
 
 # ---- report ---------------------------------------------------------------------------------------------
@@ -285,28 +301,38 @@ def main(argv: list[str] | None = None) -> dict:
             time_round(v, x, y, setup)
         gemm.append(measure_gemm(setup.device, setup.dtype))
         r += 1
-        if r < setup.rounds:
-            continue
+        # Past the time budget stop after 2 rounds, so a busy machine still finishes in minutes.
+        if r >= 2 and time.perf_counter() - timing_start > setup.max_seconds:
+            break
         short = cpu and any(len(v.clean()) < min(3, setup.rounds) for v in variants)
-        if not short or time.perf_counter() - timing_start > setup.max_seconds:
+        if r >= setup.rounds and not short:
             break
 
-    clean_gemm = [f for f, u in gemm if u >= CLEAN_UTIL] if cpu else [f for f, _ in gemm]
-    gemm_flops = statistics.median(clean_gemm or [f for f, _ in gemm])
-    tps = {v.name: median_of(v, cpu) for v in variants}
+    gemm_rates, gemm_ok = [f for f, _ in gemm], [u >= CLEAN_UTIL for _, u in gemm]
+    clean_gemm = [f for f, ok in zip(gemm_rates, gemm_ok) if ok]
+    gemm_flops = statistics.median(clean_gemm or gemm_rates)
+    tps = {v.name: v.median() for v in variants}
+    by_name = {v.name: v for v in variants}
     peak = metrics.peak_flops(setup.device, setup.dtype)
+
+    def of_gemm(v: Variant) -> float:  # each round's training FLOP/s over the GEMM rate measured right after it
+        return paired_ratio([t * fpt for t in v.tokens_per_s], v.ok(), gemm_rates, gemm_ok)
+
+    def vs(a: str, b: str) -> float:
+        return paired_ratio(by_name[a].tokens_per_s, by_name[a].ok(), by_name[b].tokens_per_s, by_name[b].ok())
 
     print(f"\n{'variant':18s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'of GEMM':>8s} {'clean':>6s}  rounds (tokens/s)")
     for v in variants:
-        gf = tps[v.name] * fpt / 1e9
-        n_clean = f"{len(v.clean())}/{len(v.tokens_per_s)}" if cpu else "-"
+        n_clean = f"{len(v.clean())}/{len(v.tokens_per_s)}"
         rounds = " ".join(f"{t:.0f}" for t in v.tokens_per_s)
-        print(f"{v.name:18s} {tps[v.name]:9.0f} {gf:8.1f} {gf * 1e9 / gemm_flops:8.2f} {n_clean:>6s}  {rounds}")
+        print(
+            f"{v.name:18s} {tps[v.name]:9.0f} {tps[v.name] * fpt / 1e9:8.1f} {of_gemm(v):8.2f} {n_clean:>6s}  {rounds}"
+        )
     gemm_label = "1024x1024 float32 torch.mm" if cpu else f"8192x8192 {str(setup.dtype).removeprefix('torch.')} mm"
     print(f"GEMM ({gemm_label}): {gemm_flops / 1e9:.1f} GFLOP/s, median of {len(clean_gemm or gemm)} rounds")
-    ratio = tps["lmforge compiled"] / tps["hf compiled"]
-    eager_ratio = tps["lmforge eager"] / tps["hf eager"]
-    fraction = tps["lmforge compiled"] * fpt / gemm_flops
+    print("(tokens/s: median of the clean rounds; ratios and 'of GEMM': median of per-round ratios)")
+    ratio, eager_ratio = vs("lmforge compiled", "hf compiled"), vs("lmforge eager", "hf eager")
+    fraction = of_gemm(by_name["lmforge compiled"])
     mfu = tps["lmforge compiled"] * fpt / peak if peak else None
     hf_mfu = tps["hf compiled"] * fpt / peak if peak else None
     print(
