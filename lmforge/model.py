@@ -243,6 +243,14 @@ class Transformer(nn.Module):
             mask = mask & attention_mask[:, None, None, :S].bool()
         return mask, False
 
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """(cos, sin), each (T, D), for these positions; None without RoPE."""
+        if self.config.position != "rope":
+            return None
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -261,11 +269,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {start + T} exceeds max_seq_len {cfg.max_seq_len}")
         positions = torch.arange(start, start + T, device=input_ids.device)
         x = self.embed(input_ids, positions, token_type_ids)  # (B, T, C)
-        rope = None
-        if cfg.position == "rope":
-            freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-            rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        rope = self.rope(positions, x.dtype)
         mask, is_causal = self._mask(T, start, attention_mask, input_ids.device)
         states = {"hidden": [x], "attn": []} if return_states else None
         for i, block in enumerate(self.layers):

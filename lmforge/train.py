@@ -4,6 +4,11 @@
     for step: accumulate micro-batches -> clip -> AdamW step -> log / eval / checkpoint
     -> final validation loss, samples, HF export, metrics.jsonl
 
+A subclass changes what is trained without copying the loop (lmforge/distill.py does): `prepare` (its own
+set-up, before anything is written), `compute_loss` (one micro-batch), `validate` (the evaluation's
+metrics), `stop_reason` (end before the step budget), `run_config` / `extra_state` (what a checkpoint
+records and a resume restores) and `summary_extra`.
+
 Every rank draws the same global batch and keeps its slice of it, so N ranks compute exactly
 what one process computes with the same global batch (tested on 2 CPU ranks with gloo).
 """
@@ -110,6 +115,8 @@ RESUMABLE_KEYS = (
 
 # ---- the loop ------------------------------------------------------------------------------------
 class Trainer:
+    resumable_keys: tuple[str, ...] = RESUMABLE_KEYS
+
     def __init__(self, recipe: Recipe, resume: bool = False):
         self.env = env = dist.setup(recipe.train.device)
         tc = recipe.train
@@ -142,16 +149,49 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.oc, tc.steps))
         self.sampler = BatchSampler(self.train_data, tc.batch_size, tc.seq_len, tc.seed)
         self.step = 0
+        self.prepare()
         if resume:
             self._resume()
         elif self.out.exists() and any(self.out.iterdir()):
             raise UserError(f"output {self.out} already exists and is not empty (use --resume or another path)")
         dist.barrier()
         if env.is_main:
-            runinfo.write_run_info(self.out, recipe.to_dict(), tc.seed)
+            runinfo.write_run_info(self.out, self.run_config(), tc.seed)
         self.log = metrics.MetricsLogger(
             self.out, env.rank, total_steps=tc.steps, log_every=tc.log_every, start_step=self.step, device=env.device
         )
+
+    # -- hooks for subclasses --
+    def prepare(self) -> None:
+        """A subclass's own set-up and checks: the model exists, nothing has been written yet."""
+
+    def run_config(self) -> dict:
+        """The config a checkpoint records and a resume must match (outside `resumable_keys`)."""
+        return self.recipe.to_dict()
+
+    def extra_state(self) -> dict:
+        """JSON-able state beyond model / optimizer / data that a resume must restore."""
+        return {}
+
+    def load_extra_state(self, extra: dict) -> None:
+        """Restore what extra_state() returned, on resume."""
+
+    def compute_loss(self, xs: Tensor, ys: Tensor) -> Tensor:
+        """The loss of one micro-batch xs, ys (B_micro, T) on this rank (the caller averages over accumulation)."""
+        return lm_loss(self.wrapped(xs), ys)
+
+    def validate(self) -> dict[str, float]:
+        """The metrics of one evaluation, logged to metrics.jsonl; "val_loss" is required."""
+        return {"val_loss": self.evaluate()}
+
+    def stop_reason(self, step: int, val: dict[str, float] | None) -> str | None:
+        """Why to end training now, after `step` (val: this step's evaluation, None if there was none);
+        None: go on until train.steps. Must give the same answer on every rank (val is all-reduced)."""
+        return None
+
+    def summary_extra(self, val_start: dict[str, float], val_end: dict[str, float]) -> dict:
+        """Keys a subclass adds to run()'s summary."""
+        return {}
 
     # -- one optimizer step over the global batch --
     def _autocast(self):
@@ -173,7 +213,7 @@ class Trainer:
             if self.mode == "fsdp":
                 self.wrapped.set_requires_gradient_sync(last)
             with sync, self._autocast():
-                loss = lm_loss(self.wrapped(xs), ys) / self.accum
+                loss = self.compute_loss(xs, ys) / self.accum
             loss.backward()
             loss_sum += loss.detach()
         gnorm = self._clip()
@@ -229,8 +269,9 @@ class Trainer:
                 scheduler_state=self.scheduler.state_dict(),
                 sampler_state=self.sampler.state_dict(),
                 rng_state=checkpoint.rng_state(),
-                config=self.recipe.to_dict(),
+                config=self.run_config(),
                 keep_last=self.tc.keep_last,
+                extra=self.extra_state(),
             )
         dist.barrier()
 
@@ -241,7 +282,7 @@ class Trainer:
             set_optimizer_state_dict,
         )
 
-        state = checkpoint.load_checkpoint(self.out, expected_config=self.recipe.to_dict(), ignore=RESUMABLE_KEYS)
+        state = checkpoint.load_checkpoint(self.out, expected_config=self.run_config(), ignore=self.resumable_keys)
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=opts)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
@@ -249,17 +290,25 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
+        self.load_extra_state(state["extra"])
 
     # -- the run --
+    def _log_eval(self, val: dict[str, float]) -> None:
+        tokens = self.step * self.tc.batch_size * self.tc.seq_len
+        self.log.log_eval(self.step, tokens, tokens * self.flops["total"], **val)
+
     def run(self) -> dict:
+        """Train until train.steps or until stop_reason() says otherwise; the summary's "stopped_by" says which
+        ("budget" when the steps ran out)."""
         tc, env = self.tc, self.env
         tokens_per_step = tc.batch_size * tc.seq_len
-        val0 = self.evaluate()
-        self.log.log_eval(
-            self.step, self.step * tokens_per_step, self.step * tokens_per_step * self.flops["total"], val0
-        )
+        val0 = self.validate()
+        self._log_eval(val0)
+        # A fresh run may already meet its goal; a resumed one judged its last evaluation before the save.
+        stopped_by = self.stop_reason(self.step, val0) if self.step == 0 else None
+        val = val0 if stopped_by is not None else None  # the evaluation of the step training ended at, if any
         timer = metrics.Throughput()
-        while self.step < tc.steps:
+        while stopped_by is None and self.step < tc.steps:
             t0 = time.perf_counter()
             loss, gnorm = self.train_step()
             timer.update(tokens_per_step, time.perf_counter() - t0)
@@ -274,23 +323,29 @@ class Trainer:
                 tokens_per_s=timer.tokens_per_s,
                 mfu=metrics.mfu(self.flops["total"], timer.tokens_per_s, env.device, self.dtype, env.world),
             )
+            val = None
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
-                self.log.log_eval(self.step, tokens, tokens * self.flops["total"], self.evaluate())
-            if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+                val = self.validate()
+                self._log_eval(val)
+            stopped_by = self.stop_reason(self.step, val)
+            if stopped_by is None and tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                 self.save()
-        val = self.evaluate()
+        if stopped_by is None or val is None:
+            val = self.validate()
+            self._log_eval(val)
         tokens = self.step * tokens_per_step
-        self.log.log_eval(self.step, tokens, tokens * self.flops["total"], val)
         self.save()
         samples = self.finish()
         summary = {
             "steps": self.step,
             "tokens": tokens,
             "flops": tokens * self.flops["total"],
-            "val_loss_start": val0,
-            "val_loss": val,
+            "val_loss_start": val0["val_loss"],
+            "val_loss": val["val_loss"],
+            "stopped_by": stopped_by or "budget",
             "samples": samples,
             "out_dir": str(self.out),
+            **self.summary_extra(val0, val),
         }
         self.log.close()
         return summary

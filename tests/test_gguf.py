@@ -426,3 +426,15 @@ def test_smollm2_matches_transformers(monkeypatch):
     ours = generate(model, prompt, max_new_tokens=12, greedy=True)
     theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id)
     assert ours.tolist() == theirs.tolist()
+
+
+@pytest.mark.slow
+def test_packaged_name_reads_the_smollm2_gguf():
+    """`pkg:smollm2-135m` is accepted wherever a checkpoint path is (convert, grow, fuse, distill's teacher)."""
+    from lmforge.api import read_checkpoint
+
+    cfg, tensors, side = read_checkpoint("pkg:smollm2-135m")
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.n_kv_heads) == (576, 30, 9, 3)
+    assert "tokenizer.json" in side
+    name, first = next(tensors)
+    assert name == "embed.tok.weight" and tuple(first.shape) == (cfg.vocab_size, 576)

@@ -1,0 +1,411 @@
+"""`lmforge distill`: train a student against a teacher (recovery training of a fused model, issue 4).
+
+The student is a recipe's model (train.init_from: e.g. the fused model; or the model section: the same
+architecture from random init, the scratch baseline). The teacher (distill.teacher: an HF folder, an lmforge
+checkpoint or a .gguf) is loaded once, frozen, and run on each rank's own slice of every micro-batch. Loss:
+
+    kl_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))   mean over tokens
+  + lm_weight * next-token cross-entropy
+  + hidden_mse_weight * MSE(student's, teacher's last-layer hidden states)   (same hidden size only)
+
+Every train.eval_every steps the validation LM loss (val_ppl = exp of it) and val_kl, the KL from the teacher
+at temperature 1 in nats per token, are logged on the same fixed validation batches. Training ends when
+val_kl <= distill.stop_kl, when val_kl has not improved by more than plateau_min_delta (relative) for
+plateau_patience evaluations, or when train.steps run out; the summary's "stopped_by" says which.
+
+The recipe is lmforge's (lmforge/recipe.py) plus a `distill:` section (DistillConfig), accepted by this command
+only; its keys are checked the same way and it is overridable as --distill.key=value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor
+
+from lmforge import dist, metrics
+from lmforge.data import check_tokenizer_matches
+from lmforge.errors import UserError
+from lmforge.model import lm_loss
+from lmforge.recipe import SECTIONS, Recipe, load_recipe
+from lmforge.train import RESUMABLE_KEYS, Trainer
+
+# Rows of (rows, vocab) float32 temporaries the KL works on at once: 8M floats = 32 MB per temporary, whatever
+# the vocabulary (49152 for SmolLM2 gives 170 rows), instead of several copies of the whole (B*T, V) logits.
+KL_CHUNK_FLOATS = 1 << 23
+# The teacher's validation log-probs are cached across evaluations when they take at most this much per rank;
+# otherwise the teacher is run again at each evaluation (its outputs never change, only the cost does).
+TEACHER_CACHE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: str = ""  # HF folder, lmforge checkpoint or .gguf: the model the student learns to match
+    temperature: float = 2.0  # T of the logit KL (its gradient scale is kept by the T^2 factor)
+    kl_weight: float = 1.0
+    lm_weight: float = 0.0  # weight of the plain next-token cross-entropy on the data
+    hidden_mse_weight: float = 0.0  # MSE of the last layer's hidden states (before the final norm); same width only
+    stop_kl: float = 0.0  # stop once the validation KL (T = 1, nats/token) is <= this; 0 = off
+    plateau_patience: int = 0  # stop after this many evaluations without a val_kl improvement; 0 = off
+    plateau_min_delta: float = 0.01  # an improvement must lower the best val_kl by more than this fraction
+
+
+# Keys that may differ when a distill run is resumed: when to stop, like train.steps.
+DISTILL_RESUMABLE_KEYS = ("distill.stop_kl", "distill.plateau_patience", "distill.plateau_min_delta")
+
+
+# ---- the recipe's distill section ----------------------------------------------------------------
+def _check_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    """A dataclass from a YAML mapping: unknown keys and wrong types are one-line errors, as in lmforge.recipe
+    (int accepted for float, and YAML 1.1's "1e-3" string for a float)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"unknown recipe key {name}.{key} (known: {', '.join(sorted(fields))})")
+        hint = hints[key]
+        allowed = hint.__args__ if isinstance(hint, types.UnionType) else (hint,)
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if float in allowed and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if not any(type(value) is t for t in allowed):
+            want = " or ".join(t.__name__ for t in allowed)
+            raise UserError(f"recipe key {name}.{key} expects {want}, got {value!r}")
+        out[key] = value
+    return cls(**out)
+
+
+def load_recipe_sections(
+    path: str | Path | None, overrides: list[str] = (), extra_sections: dict[str, type] | None = None
+) -> tuple[Recipe, dict[str, Any]]:
+    """(recipe, {section name: dataclass}) from a YAML file and --a.b=c overrides, where `extra_sections` names the
+    sections beyond lmforge.recipe's that this command accepts ({"distill": DistillConfig}). The standard
+    sections go through load_recipe, so every key is checked as there; an extra section's keys are checked by
+    its dataclass."""
+    extra_sections = extra_sections or {}
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"recipe {path} does not exist") from None
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read recipe {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"recipe {path} must be a mapping of sections")
+    known = ("model", *SECTIONS, *extra_sections)
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise UserError(f"unknown recipe section {unknown[0]!r} (known: {', '.join(known)})")
+    for k in known:
+        if not isinstance(raw.get(k) or {}, dict):
+            raise UserError(f"recipe section {k} must be a mapping, got {raw[k]!r}")
+    extra_values = {name: dict(raw.pop(name, None) or {}) for name in extra_sections}
+    rest = []
+    for arg in overrides:
+        section = arg[2:].split(".", 1)[0] if arg.startswith("--") else ""
+        if section not in extra_values:
+            rest.append(arg)
+            continue
+        key, sep, value = arg[len(section) + 3 :].partition("=")
+        if not sep or not key or "." in key:
+            raise UserError(f"override {arg!r} must look like --{section}.key=value")
+        extra_values[section][key] = yaml.safe_load(value) if value != "" else ""
+    # The standard sections travel as overrides (JSON is YAML), so lmforge.recipe checks them as it always does.
+    as_overrides = [f"--{s}.{k}={json.dumps(v)}" for s, values in raw.items() for k, v in (values or {}).items()]
+    recipe = load_recipe(None, as_overrides + rest)
+    return recipe, {name: _check_section(name, cls, extra_values[name]) for name, cls in extra_sections.items()}
+
+
+def check_distill_config(d: DistillConfig, eval_every: int) -> None:
+    if not d.teacher:
+        raise UserError("distill.teacher is required: the teacher checkpoint (HF folder, lmforge folder or .gguf)")
+    if not d.temperature > 0:
+        raise UserError(f"distill.temperature must be > 0, got {d.temperature}")
+    weights = {"kl_weight": d.kl_weight, "lm_weight": d.lm_weight, "hidden_mse_weight": d.hidden_mse_weight}
+    for key, w in weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise UserError(f"distill.{key} must be >= 0, got {w}")
+    if not any(weights.values()):
+        raise UserError("distill.kl_weight, lm_weight and hidden_mse_weight are all 0: there is no loss to train")
+    if d.stop_kl < 0 or d.plateau_patience < 0 or d.plateau_min_delta < 0:
+        raise UserError("distill.stop_kl, plateau_patience and plateau_min_delta must be >= 0")
+    if (d.stop_kl > 0 or d.plateau_patience > 0) and eval_every <= 0:
+        raise UserError("distill.stop_kl and distill.plateau_patience are judged at evaluations: set train.eval_every")
+
+
+def load_distill_recipe(path: str | Path | None, overrides: list[str] = ()) -> tuple[Recipe, DistillConfig]:
+    recipe, extra = load_recipe_sections(path, overrides, {"distill": DistillConfig})
+    check_distill_config(extra["distill"], recipe.train.eval_every)
+    return recipe, extra["distill"]
+
+
+# ---- the KL -------------------------------------------------------------------------------------
+def _chunk_rows(vocab: int) -> int:
+    return max(1, KL_CHUNK_FLOATS // vocab)
+
+
+class _TemperedKL(torch.autograd.Function):
+    """T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)), both (N, V), in float32.
+
+    The gradient, T * (softmax(student / T) - softmax(teacher / T)) / N, is computed in the forward chunk by chunk,
+    so the only (N, V) tensor kept for the backward is that gradient (in the logits' dtype): autograd through
+    log_softmax would keep several float32 copies of the whole logits."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+        N, V = student.shape
+        rows = _chunk_rows(V)
+        grad = torch.empty_like(student)  # (N, V)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for i in range(0, N, rows):
+            log_q = F.log_softmax(student[i : i + rows].float() / temperature, dim=-1)  # (n, V) student
+            log_p = F.log_softmax(teacher[i : i + rows].float() / temperature, dim=-1)  # (n, V) teacher
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            grad[i : i + rows] = (log_q.exp() - p) * (temperature / N)
+        ctx.save_for_backward(grad)
+        return total * (temperature * temperature / N)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None
+
+
+def tempered_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over tokens; logits (..., V), the teacher's
+    without grad. Differentiable in the student's logits."""
+    V = student_logits.shape[-1]
+    return _TemperedKL.apply(student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V), temperature)
+
+
+@torch.no_grad()
+def kl_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor) -> Tensor:
+    """Mean over tokens of KL(teacher || softmax(student)) at temperature 1; (..., V) each, no grad. A float32
+    scalar."""
+    V = student_logits.shape[-1]
+    s, t = student_logits.reshape(-1, V), teacher_log_probs.reshape(-1, V)
+    rows, total = _chunk_rows(V), torch.zeros((), dtype=torch.float32, device=s.device)
+    for i in range(0, s.shape[0], rows):
+        log_q = F.log_softmax(s[i : i + rows].float(), dim=-1)  # (n, V)
+        log_p = t[i : i + rows].float()
+        total += (log_p.exp() * (log_p - log_q)).sum()
+    return total / s.shape[0]
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # a diverged run reads as a huge number, not an overflow
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+class DistillTrainer(Trainer):
+    """Trainer whose loss is the distillation loss against `distill.teacher`, with val_kl / val_ppl evaluations
+    and the stop_kl / plateau conditions. Runs under DDP / FSDP2 like Trainer: the teacher is replicated on
+    every rank and runs on the rank's own rows."""
+
+    resumable_keys = RESUMABLE_KEYS + DISTILL_RESUMABLE_KEYS
+
+    def __init__(self, recipe: Recipe, distill: DistillConfig, resume: bool = False):
+        check_distill_config(distill, recipe.train.eval_every)
+        self.distill = distill
+        self.best_kl: float | None = None  # plateau tracking; restored on resume (extra_state)
+        self.evals_without_gain = 0
+        super().__init__(recipe, resume=resume)
+
+    # -- set-up: the teacher, checked before Trainer writes anything --
+    def prepare(self) -> None:
+        from lmforge.api import load
+
+        d, student_cfg, tc = self.distill, self.recipe.model, self.tc
+        # fp32 on CPU; on a GPU with bf16 training the teacher is held in bf16 (inference only, half the memory).
+        dtype = torch.float32 if self.env.device.type == "cpu" else self.dtype
+        teacher = load(d.teacher, dtype=dtype, device=self.env.device)
+        cfg = teacher.config
+        if cfg.head != "lm":
+            raise UserError(f"teacher {d.teacher} has a {cfg.head!r} head; distillation needs an LM head")
+        if cfg.vocab_size != student_cfg.vocab_size:
+            raise UserError(
+                f"teacher {d.teacher} has vocab_size {cfg.vocab_size}, the student {student_cfg.vocab_size}: "
+                "distillation compares their distributions token by token, so they must match"
+            )
+        if d.hidden_mse_weight > 0 and cfg.hidden_size != student_cfg.hidden_size:
+            raise UserError(
+                f"distill.hidden_mse_weight needs equal hidden sizes: the teacher has {cfg.hidden_size}, "
+                f"the student {student_cfg.hidden_size} (set it to 0)"
+            )
+        if cfg.position == "learned" and tc.seq_len > cfg.max_seq_len:
+            raise UserError(f"train.seq_len {tc.seq_len} exceeds the teacher's max_seq_len {cfg.max_seq_len}")
+        check_tokenizer_matches(self.train_data.manifest, cfg.vocab_size, getattr(teacher, "tokenizer_files", None))
+        teacher.requires_grad_(False)
+        self.teacher = teacher.eval()
+        self.teacher_flops = metrics.flops_per_token(cfg, tc.seq_len)["forward"]
+        self.teacher_params = teacher.num_params()
+        self._teacher_val_pass()
+
+    @torch.no_grad()
+    def _teacher_logits(self, x: Tensor) -> Tensor:
+        with self._autocast():
+            return self.teacher(x)  # (B, T, V)
+
+    @torch.no_grad()
+    def _teacher_val_pass(self) -> None:
+        """The teacher's own validation loss (once), caching its log-probs when they fit TEACHER_CACHE_BYTES."""
+        tc = self.tc
+        self.val_batches = self.val_data.val_batches(tc.eval_batches, tc.batch_size, tc.seq_len)
+        rows = len(range(self.env.rank, tc.batch_size, self.env.world))  # this rank's rows of a batch
+        need = tc.eval_batches * rows * tc.seq_len * self.recipe.model.vocab_size * 4
+        self.teacher_val_cache: list[Tensor] | None = [] if need <= TEACHER_CACHE_BYTES else None
+        total = torch.zeros((), device=self.env.device)
+        for x, y in self.val_batches:
+            x, y = self._rank_slice(x), self._rank_slice(y)
+            for i in range(0, x.shape[0], self.micro):
+                logits = self._teacher_logits(x[i : i + self.micro])  # (b, T, V)
+                total += lm_loss(logits, y[i : i + self.micro]) * (logits.shape[0] / x.shape[0])
+                if self.teacher_val_cache is not None:
+                    self.teacher_val_cache.append(F.log_softmax(logits.float(), dim=-1))
+        self.teacher_val_loss = dist.all_reduce_mean(total / len(self.val_batches)).item()
+        self._teacher_logged = False
+
+    def _teacher_val_log_probs(self, index: int, x: Tensor) -> Tensor:
+        """Teacher log-probs (b, T, V) of the index-th validation micro-batch x."""
+        if self.teacher_val_cache is not None:
+            return self.teacher_val_cache[index]
+        return F.log_softmax(self._teacher_logits(x).float(), dim=-1)
+
+    # -- what is trained --
+    def compute_loss(self, xs: Tensor, ys: Tensor) -> Tensor:
+        d = self.distill
+        hidden = d.hidden_mse_weight > 0
+        s_out = self.wrapped(xs, return_states=hidden)
+        s_logits, s_states = s_out if hidden else (s_out, None)  # (B, T, V), {"hidden": [(B, T, C), ...]}
+        loss = torch.zeros((), device=s_logits.device)
+        if d.kl_weight > 0 or hidden:  # an LM-loss-only run needs no teacher
+            with torch.no_grad():
+                t_out = self.teacher(xs, return_states=hidden)
+            t_logits, t_states = t_out if hidden else (t_out, None)
+        if d.kl_weight > 0:
+            loss = loss + d.kl_weight * tempered_kl(s_logits, t_logits, d.temperature)
+        if d.lm_weight > 0:
+            loss = loss + d.lm_weight * lm_loss(s_logits, ys)
+        if hidden:  # the last layer's output (B, T, C), before the final norm
+            loss = loss + d.hidden_mse_weight * F.mse_loss(
+                s_states["hidden"][-1].float(), t_states["hidden"][-1].float()
+            )
+        return loss
+
+    # -- evaluation and stopping --
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation LM loss (as Trainer.evaluate), its perplexity, and the KL from the teacher at T = 1."""
+        self.wrapped.eval()
+        lm_total = torch.zeros((), device=self.env.device)
+        kl_total = torch.zeros((), device=self.env.device)
+        index = 0
+        for x, y in self.val_batches:
+            x, y = self._rank_slice(x), self._rank_slice(y)
+            for i in range(0, x.shape[0], self.micro):
+                xs = x[i : i + self.micro]
+                with self._autocast():
+                    logits = self.wrapped(xs)  # (b, T, V)
+                share = xs.shape[0] / x.shape[0]
+                lm_total += lm_loss(logits, y[i : i + self.micro]) * share
+                kl_total += kl_from_log_probs(logits, self._teacher_val_log_probs(index, xs)) * share
+                index += 1
+        self.wrapped.train()
+        val_loss = dist.all_reduce_mean(lm_total / len(self.val_batches)).item()
+        val_kl = dist.all_reduce_mean(kl_total / len(self.val_batches)).item()
+        val = {"val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_kl": val_kl}
+        if not self._teacher_logged:  # the teacher's own numbers, once per process: the reference for val_ppl
+            self._teacher_logged = True
+            val.update(teacher_val_loss=self.teacher_val_loss, teacher_val_ppl=perplexity(self.teacher_val_loss))
+        return val
+
+    def stop_reason(self, step: int, val: dict[str, float] | None) -> str | None:
+        if val is None:
+            return None
+        d, kl = self.distill, val["val_kl"]
+        if d.stop_kl > 0 and kl <= d.stop_kl:
+            return "stop_kl"
+        if d.plateau_patience > 0:
+            if self.best_kl is None or kl < self.best_kl * (1 - d.plateau_min_delta):
+                self.best_kl, self.evals_without_gain = kl, 0
+            else:
+                self.evals_without_gain += 1
+                if self.evals_without_gain >= d.plateau_patience:
+                    return "plateau"
+        return None
+
+    # -- checkpoints and summary --
+    def run_config(self) -> dict:
+        return {**self.recipe.to_dict(), "distill": dataclasses.asdict(self.distill)}
+
+    def extra_state(self) -> dict:
+        return {"best_kl": self.best_kl, "evals_without_gain": self.evals_without_gain}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.best_kl = extra.get("best_kl")
+        self.evals_without_gain = int(extra.get("evals_without_gain", 0))
+
+    def summary_extra(self, val_start: dict[str, float], val_end: dict[str, float]) -> dict:
+        teacher_ppl = perplexity(self.teacher_val_loss)
+        return {
+            "val_ppl_start": val_start["val_ppl"],
+            "val_ppl": val_end["val_ppl"],
+            "val_kl_start": val_start["val_kl"],
+            "val_kl": val_end["val_kl"],
+            "teacher": self.distill.teacher,
+            "teacher_params": self.teacher_params,
+            "student_params": self.model.num_params(),
+            "teacher_val_loss": self.teacher_val_loss,
+            "teacher_val_ppl": teacher_ppl,
+            "ppl_ratio": val_end["val_ppl"] / teacher_ppl,
+            # The teacher's forward passes on the training tokens, on top of the student's training FLOPs.
+            "teacher_flops": self.step * self.tc.batch_size * self.tc.seq_len * self.teacher_flops,
+        }
+
+
+# ---- the command --------------------------------------------------------------------------------
+def register(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="train a student against a teacher (logit KL, hidden MSE, LM loss) until a stop condition or the budget",
+        description="Distil RECIPE.yaml's student (train.init_from, or the model section from random init) from "
+        "distill.teacher; override any key as --section.key=value (--distill.stop_kl=0.5). The last line printed "
+        "is the run's summary as one JSON object.",
+    )
+    p.add_argument("recipe", help="recipe YAML with a distill: section (see recipes/fuse-recover-cpu.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
+    p.set_defaults(func=_cli, accepts_overrides=True)
+
+
+def _cli(args) -> int:
+    recipe, distill = load_distill_recipe(args.recipe, args.overrides)
+    try:
+        trainer = DistillTrainer(recipe, distill, resume=args.resume)
+        summary = trainer.run()
+    finally:
+        dist.teardown()
+    if trainer.env.is_main:
+        s = summary
+        print(
+            f"val ppl {s['val_ppl_start']:.2f} -> {s['val_ppl']:.2f} (teacher {s['teacher_val_ppl']:.2f}, "
+            f"ratio {s['ppl_ratio']:.3f}), val KL {s['val_kl_start']:.4f} -> {s['val_kl']:.4f}; "
+            f"stopped by {s['stopped_by']} after {s['steps']} steps ({s['tokens']:,} tokens); run in {s['out_dir']}"
+        )
+        print(json.dumps({k: v for k, v in summary.items() if k != "samples"}))
+    return 0

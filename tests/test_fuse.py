@@ -1,0 +1,307 @@
+"""Fusion (lmforge.surgery.fuse): same size is the identity; a model holding exact copies (grown by
+lmforge.surgery.grow in clone mode) fuses back to its source's function; every family and method gives a model
+that runs, exports to HF and loads in transformers with the same logits; the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmforge.api import build_model, export_hf, load
+from lmforge.cli import main
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.model import Transformer
+from lmforge.surgery.fuse import count_params, drop_layers, fuse, target_config
+from lmforge.surgery.fuse_math import cluster
+from lmforge.surgery.grow import grow
+
+V = 64
+FAMILIES = {
+    "llama": ModelConfig(
+        vocab_size=V, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_size=48, tie_embeddings=True
+    ),
+    "gpt2": ModelConfig(
+        family="gpt2",
+        vocab_size=V,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        ffn_size=48,
+        max_seq_len=64,
+        norm="layernorm",
+        position="learned",
+        mlp="gelu",
+        activation="gelu_tanh",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+    ),
+    "bert": ModelConfig(
+        family="bert",
+        vocab_size=V,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        ffn_size=48,
+        max_seq_len=64,
+        norm="layernorm",
+        norm_position="post",
+        position="learned",
+        mlp="gelu",
+        activation="gelu",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        causal=False,
+        type_vocab_size=2,
+        embed_norm=True,
+        final_norm=False,
+        head="classifier",
+        num_labels=3,
+        classifier_bias=True,
+        pooler=True,
+        norm_eps=1e-12,
+    ),
+}
+IDS = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(2))
+
+
+def source(cfg: ModelConfig) -> tuple[Transformer, dict[str, torch.Tensor]]:
+    """A random float64 model with non-trivial norm gains; its state without a tied lm_head."""
+    model = Transformer(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    model = model.double().eval()
+    state = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    return model, state
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["fuse", "prune"])
+def test_same_size_is_identity(family, method):
+    cfg = FAMILIES[family]
+    model, state = source(cfg)
+    cfg2, state2, _ = fuse(cfg, state, IDS, method=method)
+    assert cfg2 == cfg
+    assert torch.equal(build_model(cfg2, state2.items(), torch.float64)(IDS), model(IDS))
+
+
+# (family, what to grow): every axis the family allows; GPT-2 / BERT keep head_dim = hidden / heads.
+CASES = [
+    ("llama", {"hidden": 64}),
+    ("llama", {"ffn": 96}),
+    ("llama", {"heads": 8, "kv_heads": 4}),
+    ("llama", {"kv_heads": 4}),
+    ("llama", {"layers": 6}),
+    ("llama", {"hidden": 64, "ffn": 96, "layers": 5}),
+    ("gpt2", {"hidden": 64}),
+    ("gpt2", {"ffn": 96}),
+    ("gpt2", {"layers": 6}),
+    ("bert", {"hidden": 64}),
+    ("bert", {"ffn": 96}),
+]
+FIELDS = {
+    "hidden": "hidden_size",
+    "ffn": "ffn_size",
+    "heads": "num_heads",
+    "kv_heads": "n_kv_heads",
+    "layers": "num_layers",
+}
+
+
+@pytest.mark.parametrize("family,sizes", CASES, ids=[f"{f}-{'-'.join(s)}" for f, s in CASES])
+def test_fusing_exact_copies_recovers_the_source(family, sizes):
+    """grow (clone) duplicates channels, neurons and heads and inserts identity blocks; fusing back to the
+    source's sizes must find the copies and give the source's outputs (least squares without ridge)."""
+    cfg = FAMILIES[family]
+    model, state = source(cfg)
+    cfg_g, grown = grow(cfg, state, mode="clone", **sizes)
+    grown = dict(grown)
+    back = {k: getattr(cfg, field) for k, field in FIELDS.items()}  # grow scales FFN and heads with hidden
+    cfg_f, fused, _ = fuse(cfg_g, grown, IDS, ridge=0.0, **back)
+    assert (cfg_f.hidden_size, cfg_f.ffn_size, cfg_f.num_heads, cfg_f.num_layers) == (
+        cfg.hidden_size,
+        cfg.ffn_size,
+        cfg.num_heads,
+        cfg.num_layers,
+    )
+    # Fused weights are computed in float32: agreement to float32 rounding, measured ~1e-7.
+    assert rel_err(build_model(cfg_f, fused.items(), torch.float64)(IDS), model(IDS)) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["fuse", "prune"])
+def test_fused_model_exports_and_loads_in_transformers(family, method, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = FAMILIES[family]
+    _, state = source(cfg)
+    sizes = {"hidden": 24, "ffn": 32, "layers": 2} if family == "llama" else {"hidden": 16, "ffn": 32, "layers": 2}
+    if family == "llama":
+        sizes |= {"heads": 3, "kv_heads": 1}  # head_dim 8 kept, hidden 24 = 3 x 8
+    cfg_f, fused, report = fuse(cfg, state, IDS, method=method, **sizes)
+    assert report["target_params"] == count_params(cfg_f) < report["source_params"]
+    model = build_model(cfg_f, fused.items(), torch.float32)
+    export_hf(model, tmp_path / "hf")
+    auto = (
+        transformers.AutoModelForSequenceClassification
+        if cfg.head == "classifier"
+        else transformers.AutoModelForCausalLM
+    )
+    hf = auto.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ours, theirs = model(IDS), hf(IDS).logits
+    assert torch.isfinite(ours).all()
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_fusion_beats_pruning_on_redundant_model():
+    """A model with near-copies (grown, then perturbed): merging the copies keeps more of the function than
+    keeping the most active half, measured as logit error against the grown model."""
+    cfg = FAMILIES["llama"]
+    _, state = source(cfg)
+    cfg_g, grown = grow(cfg, state, mode="clone", hidden=64, ffn=96, noise_snr_db=20.0, noise="plain")
+    grown = dict(grown)
+    ref = build_model(cfg_g, grown.items(), torch.float64)(IDS)
+    errs = {}
+    for method in ("fuse", "prune"):
+        cfg_f, fused, _ = fuse(cfg_g, grown, IDS, hidden=32, ffn=48, method=method)
+        errs[method] = rel_err(build_model(cfg_f, fused.items(), torch.float64)(IDS), ref)
+    assert errs["fuse"] < errs["prune"] / 3, errs
+
+
+def test_cluster_merges_duplicates_first():
+    feats = torch.randn(100, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    feats = torch.cat([feats, feats[:, [1, 4]] * torch.tensor([2.0, -0.5], dtype=torch.float64)], dim=1)  # 8 ch
+    groups = cluster(feats.T @ feats, 6, signed=True)
+    assert sorted(g.members.tolist() for g in groups if len(g.members) > 1) == [[1, 6], [4, 7]]
+    for g in groups:
+        assert torch.allclose(g.coef.norm(), torch.tensor(1.0, dtype=torch.float64))
+    unsigned = cluster(feats.T @ feats, 6, signed=False)  # the anti-correlated copy (ch 7 = -0.5 ch 4) is refused
+    assert [4, 7] not in [g.members.tolist() for g in unsigned]
+
+
+def test_target_config_rules():
+    cfg = FAMILIES["llama"]
+    assert target_config(cfg) == cfg
+    t = target_config(cfg, hidden=16)  # heads follow hidden at head_dim 8; the GQA ratio is kept
+    assert (t.num_heads, t.n_kv_heads, t.dim_head, t.norm_eps) == (2, 1, 8, cfg.norm_eps * 2)
+    with pytest.raises(UserError, match="between 1 and"):
+        target_config(cfg, hidden=64)
+    with pytest.raises(UserError, match="multiple of"):
+        target_config(cfg, heads=3, kv_heads=2)
+    with pytest.raises(UserError, match="hidden = heads x head_dim"):
+        target_config(FAMILIES["gpt2"], hidden=20)
+
+
+def test_drop_layers_keeps_the_most_influential():
+    cfg = FAMILIES["llama"]
+    _, state = source(cfg)
+    cfg_g, grown = grow(cfg, state, mode="clone", layers=6)  # 3 identity blocks: influence 0
+    cfg_d, dropped, report = drop_layers(cfg_g, dict(grown), IDS, 3)
+    assert cfg_d.num_layers == 3 and len(report["layer_groups"]) == 3
+    model, _ = source(cfg)
+    assert rel_err(build_model(cfg_d, dropped.items(), torch.float64)(IDS), model(IDS)) < 1e-12
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_and_data(tmp_path_factory):
+    """A tiny trained-looking checkpoint with a BPE tokenizer and a dataset built with that tokenizer."""
+    from lmforge.data import build_dataset
+
+    root = tmp_path_factory.mktemp("fuse")
+    docs = root / "docs"
+    docs.mkdir()
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "a",
+        "is",
+        "that",
+        "for",
+        "it",
+        "as",
+        "was",
+        "with",
+        "be",
+        "by",
+        "on",
+        "not",
+        "he",
+        "this",
+        "are",
+        "or",
+        "his",
+        "from",
+        "at",
+        "which",
+    ]
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        idx = torch.randint(0, len(words), (300,), generator=gen).tolist()
+        (docs / f"d{i}.txt").write_text(" ".join(words[j] for j in idx) + ".\n")
+    build_dataset(root / "data", inputs=[str(docs)], tokenizer="bpe:300")
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    cfg = FAMILIES["llama"].replace(vocab_size=manifest["vocab_size"], max_seq_len=128)
+    model = Transformer(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    model.tokenizer_files = {"tokenizer.json": (root / "data" / "tokenizer.json").read_bytes()}
+    export_hf(model, root / "teacher")
+    return root
+
+
+@pytest.mark.parametrize("method", ["fuse", "prune", "drop", "random"])
+def test_cli_writes_a_loadable_smaller_model(teacher_and_data, method, capsys):
+    root = teacher_and_data
+    out = root / f"out-{method}"
+    argv = ["fuse", str(root / "teacher"), "--out", str(out), "--hidden", "16", "--ffn", "24", "--layers", "2"]
+    argv += ["--method", method, "--data", str(root / "data"), "--calib-seqs", "4", "--seq-len", "64"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = load(out)
+    assert report["target_params"] == model.num_params() < report["source_params"]
+    assert report["ppl"] > 1 and report["source_ppl"] > 1
+    if method != "drop":
+        assert model.config.hidden_size == 16
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--hidden", "64"], "between 1 and"),
+        (["--calib-seqs", "0"], "must be positive"),
+        (["--heads", "3", "--kv-heads", "2"], "multiple of"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_writes_nothing(teacher_and_data, extra, message, capsys):
+    root = teacher_and_data
+    out = root / "bad"
+    assert main(["fuse", str(root / "teacher"), "--out", str(out), "--data", str(root / "data"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_refuses_data_with_another_tokenizer(teacher_and_data, tmp_path, capsys):
+    root = teacher_and_data
+    cfg = FAMILIES["llama"]  # vocab 64: not the dataset's tokenizer
+    model = Transformer(cfg)
+    model.init_weights()
+    export_hf(model, tmp_path / "other")
+    assert main(["fuse", str(tmp_path / "other"), "--out", str(tmp_path / "o"), "--data", str(root / "data")]) == 2
+    assert "vocab" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
