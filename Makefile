@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/ci.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lmforge demo
+	$(BIN)/lmforge demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -202,7 +202,7 @@ def _plot(curves: dict, teacher_ppl: float, path: Path, title: str) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("recovery tokens")
     ax.set_ylabel("validation perplexity")
-    ax.set_title(f"Fused and baseline students of {Path(title).name}", fontsize=10)
+    ax.set_title(f"Fused and baseline students of {title}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

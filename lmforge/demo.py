@@ -4,17 +4,20 @@
     target (large) from scratch, same recipe, same data order --train N steps------+--> FLOPs to the scratch
                                                                                         run's final val loss
 
-Both target runs train the same architecture for the same steps, batch, sequence length and data order
-(train.seed); they differ only in the starting point and in `growth.grown_optim` (the grown model is already
-trained, so it takes a short warm-up). The source trains on another data order (train.seed + 1), so the grown
-run does not replay it. FLOPs are training FLOPs (6N per token plus attention, lmforge.metrics); validation
-passes are not counted. "FLOPs to target" interpolates the validation curve linearly against cumulative FLOPs at
-the first evaluation at or below the scratch run's final validation loss. The saving is reported without and
-with the source's own training FLOPs; a grown run that never gets there has no saving (null), not a guess.
+Both target runs train the same architecture for the same steps, batch, sequence length, data order (train.seed) and
+peak learning rate (optim.lr); they differ only in the starting point and in `growth.grown_optim` (by default only
+the warm-up: the grown model is already trained, so it takes a short one) and, with growth.optimizer_state, the
+grown run's AdamW moments carried from the source. The source trains with `growth.source_optim` on another data
+order (train.seed + 1), so the grown run does not replay it. FLOPs are training FLOPs (6N per token plus attention,
+lmforge.metrics); validation passes are not counted. "FLOPs to target" interpolates the validation curve linearly
+against cumulative FLOPs at the first evaluation at or below the scratch run's final validation loss. The saving is
+reported without and with the source's own training FLOPs; a grown run that never gets there has no saving (null),
+not a guess.
 
-A recipe is lmforge's (model: the SOURCE, data, optim: the scratch run's, train: shared) plus a `growth:`
-section (GrowthConfig below; unknown keys are errors). `lmforge demo` runs DEFAULT_RECIPE; recipes/growth-*.yaml
-are bigger versions (`lmforge demo --recipe recipes/growth-cpu.yaml`); --section.key=value overrides any key.
+A recipe is lmforge's (model: the SOURCE, data, optim: both target runs', train: shared) plus a `growth:` section
+(GrowthConfig below; unknown keys are errors; source_optim and grown_optim hold only the optim keys that differ for
+those runs, checked as the optim section is). `lmforge demo` runs DEFAULT_RECIPE; recipes/growth-*.yaml are bigger
+versions (`lmforge demo --recipe recipes/growth-cpu.yaml`); --section.key=value overrides any key.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ model:            # the source
   max_seq_len: 256
 data:
   path: runs/data/starter-bpe4096
-optim:            # the scratch run's
-  lr: 3.0e-3
+optim:            # both target runs (scratch and grown); the scratch run's best of 0.75/1.5/3e-3 (bench/RESULTS.md)
+  lr: 1.5e-3
   warmup_steps: 30
 train:            # shared by the three runs
   steps: 400
@@ -65,8 +68,9 @@ growth:
   layers: 4
   source_steps: 400
   noise_snr_db: 10.0
-  grown_optim: {lr: 1.5e-3, warmup_steps: 10}   # it is trained already: see bench/RESULTS.md
-  optimizer_state: true                         # continue from the source's AdamW moments
+  source_optim: {lr: 3.0e-3}        # the small source takes a higher learning rate
+  grown_optim: {warmup_steps: 10}   # the grown model is trained already: a short warm-up
+  optimizer_state: true             # and it continues from the source's AdamW moments
 """
 # --quick: a smoke run of the whole pipeline in about a minute; its numbers mean nothing.
 QUICK_OVERRIDES = ["--train.steps=30", "--growth.source_steps=30", "--train.eval_every=10", "--train.eval_batches=2"]
@@ -303,7 +307,10 @@ def run_experiment(recipe: Recipe, growth: GrowthConfig, out: Path, overwrite: b
         side = {**side, OPTIMIZER_STATE_FILE: optimizer_state_bytes(moments, src.step)}
     save_lmforge(cfg_g, tensors, out / "grown-init", side)
     noise = growth.noise if growth.noise_snr_db is not None else None
-    print(f"grown model in {out / 'grown-init'}: {exactness(src.config, cfg_g, growth.mode, growth.depth, noise)}")
+    dtype = next(iter(src.model_state.values())).dtype  # what the grown tensors are stored in
+    print(
+        f"grown model in {out / 'grown-init'}: {exactness(src.config, cfg_g, growth.mode, growth.depth, noise, dtype)}"
+    )
 
     banner(f"3/4 grown: {cfg_t.num_layers} x {cfg_t.hidden_size} from the source, {tc.steps} steps")
     summaries["grown"] = _train(recipes["grown"], moments)
@@ -396,6 +403,7 @@ def _report(result, summaries, recipe, growth, cfg_s, cfg_t, plots) -> str:
     r = result
     tc = recipe.train
     grown_optim = {**dataclasses.asdict(recipe.optim), **growth.grown_optim}
+    source_optim = {**dataclasses.asdict(recipe.optim), **growth.source_optim}
 
     def arch(c) -> str:
         return f"{c.num_layers} layers x {c.hidden_size} (FFN {c.ffn_size}, {c.num_heads} heads)"
@@ -450,7 +458,8 @@ def _report(result, summaries, recipe, growth, cfg_s, cfg_t, plots) -> str:
         f"order (seed {tc.seed}); the source trained {r['source_steps']} steps on another order (seed {tc.seed + 1}).",
         f"- Scratch optimizer: lr {recipe.optim.lr:g}, warm-up {recipe.optim.warmup_steps} steps, "
         f"{recipe.optim.schedule} to {recipe.optim.min_lr_ratio:g} x lr. Grown: lr {grown_optim['lr']:g}, "
-        f"warm-up {grown_optim['warmup_steps']} steps (it starts trained), same schedule otherwise.",
+        f"warm-up {grown_optim['warmup_steps']} steps (it starts trained), same schedule otherwise. Source: lr "
+        f"{source_optim['lr']:g}, warm-up {source_optim['warmup_steps']} steps.",
         "- FLOPs: training only (6 x matmul parameters + attention, per token; lmforge.metrics.flops_per_token); "
         f"{r['flops_per_token']['source']:.3g} per token for the source, {r['flops_per_token']['target']:.3g} for "
         "the target. Validation passes are not counted. FLOPs to target: the first evaluation at or below the "

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     noise = args.noise if args.noise_snr_db is not None else None
     print(
         f"grew {args.src} -> {args.out} ({args.format}, {args.mode}): {cfg.family}, {sizes}; "
-        f"{exactness(cfg, cfg_t, args.mode, args.depth, noise)}; {summary.params:,} parameters in "
+        f"{exactness(cfg, cfg_t, args.mode, args.depth, noise, summary.dtype)}; {summary.params:,} parameters in "
         f"{summary.files} file(s), {summary.dtype}, {time.perf_counter() - start:.1f} s"
     )
     if args.check:

@@ -51,8 +51,8 @@ def tiny_recipe(tmp_path: Path, data: Path, **growth) -> Path:
         "optim": {"lr": 3e-3, "warmup_steps": 2},
         "train": {"steps": 8, "batch_size": 4, "seq_len": 32, "eval_every": 2, "eval_batches": 2, "log_every": 2,
                   "sample_prompts": ["the king"], "sample_tokens": 4},
-        "growth": {"hidden": 32, "layers": 2, "source_steps": 6, "grown_optim": {"warmup_steps": 1},
-                   "starter_tokenizer": "", **growth},
+        "growth": {"hidden": 32, "layers": 2, "source_steps": 6, "source_optim": {"lr": 6e-3},
+                   "grown_optim": {"warmup_steps": 1}, "starter_tokenizer": "", **growth},
     }  # fmt: skip
     path = tmp_path / "growth.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -94,6 +94,11 @@ def test_demo_runs_the_growth_experiment(data_dir, tmp_path, capsys):
     assert grown_cfg["model"] == scratch_cfg["model"]
     assert grown_cfg["train"]["seed"] == scratch_cfg["train"]["seed"]
     assert grown_cfg["model"]["hidden_size"] == 32 and grown_cfg["model"]["num_layers"] == 2
+    # Both target runs at optim.lr; only the grown run's warm-up differs; the source at growth.source_optim's lr.
+    source_cfg = yaml.safe_load((out / "source" / "config.yaml").read_text())
+    assert grown_cfg["optim"]["lr"] == scratch_cfg["optim"]["lr"] == 3e-3
+    assert (grown_cfg["optim"]["warmup_steps"], scratch_cfg["optim"]["warmup_steps"]) == (1, 2)
+    assert source_cfg["optim"]["lr"] == 6e-3 and source_cfg["optim"]["warmup_steps"] == 2
 
     # A second run into the same folder needs --overwrite.
     rc = main(["demo", "--recipe", str(tiny_recipe(tmp_path, data_dir)), "--out", str(out)])
@@ -149,6 +154,7 @@ def test_shipped_recipes_load_and_grow(path):
         ("--growth.hiden=64", "unknown recipe key growth.hiden"),
         ("--growth.layers=four", "growth.layers expects int"),
         ("--growth.grown_optim={warmup: 3}", "growth.grown_optim: unknown recipe key optim.warmup"),
+        ("--growth.source_optim={lr: fast}", "growth.source_optim: recipe key optim.lr expects float"),
         ("--train.stepz=3", "unknown recipe key train.stepz"),
         ("--growth.hidden=8", "smaller than the source"),
         ("--growth.mode=copy", "growth mode 'copy'"),

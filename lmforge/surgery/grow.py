@@ -17,6 +17,16 @@ What is exact (max relative logit error at float rounding; `check` measures it):
 | layers stack (G_stack)      | not function preserving                   | not function preserving       |
 | noise cancel / plain        | exact up to rounding / approximate        | same                          |
 
+Storage dtype. The table holds in float32 (and wider). Growth multiplies stored values by constants: norm gains by
+sqrt(k d_s / d_t) (below), readers of k residual copies by 1/k, readers of c copied FFN neurons or query heads by
+1/c, a tied head's norm by 1/k. A power of two only shifts the exponent, so it is exact in any float; any other
+factor, a LayerNorm pad (a mean) and cancelling noise are rounded to the stored precision. In a bfloat16 / float16
+checkpoint, depth growth and widening by 2x or 4x copies are therefore exact; a NON-integer widening (e.g. 576 ->
+864: gains x sqrt(2/3)), zero-mode widening (gains x sqrt(d_s / d_t)), 3x copies and noise are exact only up to
+that rounding: SmolLM2-135M in bfloat16 grown to 1.5x width measured a 9.6e-3 max relative logit error (float32:
+1.3e-6; bench/RESULTS.md), tiny random models 4e-5 .. 2.4e-3. Grow a float32 copy where that matters;
+`exactness(..., dtype)` says which case a growth is in.
+
 Residual stream. clone: x -> [x, x, ..., pad] with k = floor(d_t / d_s) copies; zero: [x, pad]. The pad
 holds 0 with RMSNorm and the mean of x with LayerNorm ("average expansion": every residual writer's new rows
 are the mean of its old rows), so the mean square (RMSNorm) or mean and variance (LayerNorm) of the target
@@ -40,6 +50,7 @@ that sums to zero over the copies (HyperCloning): weights differ, outputs do not
 from __future__ import annotations
 
 import copy
+import math
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -139,8 +150,21 @@ def _must_untie(cfg: ModelConfig, k: int) -> bool:
     return cfg.tie_embeddings and cfg.head == "lm" and k > 1 and _head_norm(cfg) is None
 
 
-def exactness(cfg_s: ModelConfig, cfg_t: ModelConfig, mode: str, depth: str, noise: str | None) -> str:
-    """One line: what the growth preserves (see the module docstring's table)."""
+def exactness(
+    cfg_s: ModelConfig,
+    cfg_t: ModelConfig,
+    mode: str,
+    depth: str,
+    noise: str | None,
+    dtype: torch.dtype | str | None = None,
+) -> str:
+    """One line: what the growth preserves (see the module docstring's table and its "Storage dtype" note).
+
+    dtype: the dtype the grown tensors are stored in (None: float32 or wider). In bfloat16 / float16 a growth that
+    multiplies stored values by a factor other than a power of two is exact only up to their rounding: non-integer
+    widening (norm gains x sqrt(k d_s / d_t); SmolLM2-135M bfloat16 grown 576 -> 864 measured a 9.6e-3 max relative
+    logit error, 1.3e-6 in float32), zero-mode widening (gains x sqrt(d_s / d_t)), 3x copies, symmetry noise. Depth
+    growth and widening by 2x / 4x copies are exact in any dtype."""
     notes = []
     if depth == "stack" and cfg_t.num_layers > cfg_s.num_layers:
         notes.append("not function preserving: G_stack copies the layers")
@@ -152,7 +176,38 @@ def exactness(cfg_s: ModelConfig, cfg_t: ModelConfig, mode: str, depth: str, noi
         notes.append("identity blocks exact up to ~eps/variance (post-norm)")
     if noise == "plain":
         notes.append("approximate: plain (non-cancelling) noise")
+    name = str(dtype).removeprefix("torch.")
+    rounded = _rounded_in_16_bit(cfg_s, cfg_t, mode, noise) if name in ("bfloat16", "float16") else []
+    if rounded:
+        notes.append(f"exact only up to {name} rounding of {', '.join(rounded)} (exact in float32)")
     return "; ".join(notes) or "exact"
+
+
+def _power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
+def _rounded_in_16_bit(cfg_s: ModelConfig, cfg_t: ModelConfig, mode: str, noise: str | None) -> list[str]:
+    """What growth computes that a 16-bit float cannot hold exactly: factors other than powers of two (which
+    only shift the exponent), LayerNorm pads (means of the copied rows) and cancelling noise (it sums to zero
+    only before rounding). float32 rounds them too, but at ~1e-7: `check` measures that as exact."""
+    d_s, d_t = cfg_s.hidden_size, cfg_t.hidden_size
+    k = d_t // d_s if mode == "clone" else 1
+    out = []
+    if not _power_of_two(math.sqrt(k * d_s / d_t)):
+        out.append(f"the norm gains x sqrt({k * d_s}/{d_t})")
+    if not _power_of_two(k):
+        out.append(f"the residual readers / {k}")
+    ffn = ffn_axis(cfg_s.ffn_size, cfg_t.ffn_size, mode)
+    q, _ = head_axes(cfg_s.num_heads, cfg_s.n_kv_heads, cfg_t.num_heads, cfg_t.n_kv_heads, mode)
+    copies = sorted({int(c) for axis in (ffn, q) for c in axis.src_count.tolist() if c > 1 and not _power_of_two(c)})
+    if copies:
+        out.append(f"the FFN / head readers / {', '.join(map(str, copies))}")
+    if cfg_s.norm == "layernorm" and k * d_s != d_t:
+        out.append("the padded residual dims' means")
+    if noise == "cancel":
+        out.append("the cancelling noise")
+    return out
 
 
 # ---- the tensor map ------------------------------------------------------------------------------------------------
