@@ -46,13 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    from lmforge import dist
+
+    dist.exit_after_process_group(code)  # returns only in a process that never joined a process group
+    return code
 
 
 if __name__ == "__main__":
