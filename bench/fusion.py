@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -110,8 +111,6 @@ def main(argv: list[str] | None = None) -> dict:
                 *[f"--{kv}" for kv in a.set],
             ]
             if run_dir.exists():
-                import shutil
-
                 shutil.rmtree(run_dir)
             lmforge("distill", a.recipe, *overrides, log=out / "logs" / f"distill-{m}.log")
             runs[m] = read_metrics(run_dir)
