@@ -398,15 +398,16 @@ def fuse_layers(
 
 class _Judge:
     """Scores a candidate block for a group by the KL divergence, on a few calibration sequences, between the
-    unfused model's next-token distributions and those of the model with only that group replaced by it. (The
-    residual stream's L2 error is a poor proxy: a few massive channels dominate it, and the LM head barely reads
-    them.)"""
+    unfused model's output distributions (next-token, or class for a classifier) and those of the model with only
+    that group replaced by it; a headless encoder by the relative squared error of its hidden states. (The
+    residual stream's L2 error is a poor proxy for an LM: a few massive channels dominate it, and the LM head
+    barely reads them.)"""
 
     def __init__(self, cfg: ModelConfig, sd: dict[str, Tensor], model: Transformer, calib_ids: Tensor):
         self.cfg, self.sd = cfg, sd
         self.ids = calib_ids[:4]  # (b, T): enough to rank candidates, cheap to store
         with torch.no_grad():
-            self.ref = F.log_softmax(model(self.ids).float(), dim=-1)  # (b, T, V)
+            self.ref = self._out(model)  # (b, T, V) log-probs, (b, labels) log-probs, or (b, T, C) states
 
     def partial(self, group: list[int]) -> Callable[[dict[str, Tensor]], float]:
         return lambda block: self.score(group, block)
@@ -415,9 +416,14 @@ class _Judge:
     def score(self, group: list[int], block: dict[str, Tensor]) -> float:
         keep = [i for i in range(self.cfg.num_layers) if i not in group[1:]]
         sd = select_layers({**self.sd, **{f"layers.{group[0]}.{k}": v for k, v in block.items()}}, keep)
-        model = _build(self.cfg.replace(num_layers=len(keep)), sd)
-        logp = F.log_softmax(model(self.ids).float(), dim=-1)
-        return (self.ref.exp() * (self.ref - logp)).sum(-1).mean().item()
+        out = self._out(_build(self.cfg.replace(num_layers=len(keep)), sd))
+        if self.cfg.head == "none":
+            return ((out - self.ref).pow(2).sum() / self.ref.pow(2).sum()).item()
+        return (self.ref.exp() * (self.ref - out)).sum(-1).mean().item()
+
+    def _out(self, model: Transformer) -> Tensor:
+        out = model(self.ids).float()
+        return out if self.cfg.head == "none" else F.log_softmax(out, dim=-1)
 
 
 def _layer(sd: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
