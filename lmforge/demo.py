@@ -22,13 +22,10 @@ versions (`lmforge demo --recipe recipes/growth-cpu.yaml`); --section.key=value 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
 import time
-import types
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +33,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
-from lmforge.recipe import SECTIONS, OptimConfig, Recipe, _build, load_recipe
+from lmforge.recipe import OptimConfig, Recipe, build_section, load_recipe_sections
 
 # The embedded default: a 2-layer, 128-wide source grown to 4 layers of 256 (2x width, 2x depth) on the starter
 # corpus; about 5 minutes of training on 2 CPU cores. recipes/growth-cpu.yaml is the hour-long version.
@@ -104,73 +101,25 @@ class GrowthConfig:
         return {k: getattr(self, k) for k in ("hidden", "ffn", "heads", "kv_heads", "layers", "mode", "depth")}
 
 
-def _check_growth(values: dict[str, Any]) -> GrowthConfig:
-    """GrowthConfig from the YAML mapping, every key and type checked like lmforge.recipe checks its sections."""
-    fields = {f.name: f for f in dataclasses.fields(GrowthConfig)}
-    hints = typing.get_type_hints(GrowthConfig)
-    out = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise UserError(f"unknown recipe key growth.{key} (known: {', '.join(sorted(fields))})")
-        hint = hints[key]
-        types_ok = hint.__args__ if isinstance(hint, types.UnionType) else (hint,)
-        if float in types_ok and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if float in types_ok and isinstance(value, str):  # YAML 1.1 reads "1e1" (no dot) as a string
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if value is None and type(None) in types_ok:
-            out[key] = None
-            continue
-        if not any(t is not type(None) and type(value) is t for t in types_ok):
-            want = " or ".join(t.__name__ for t in types_ok if t is not type(None))
-            raise UserError(f"recipe key growth.{key} expects {want}, got {value!r}")
-        out[key] = value
+def _check_growth(g: GrowthConfig) -> GrowthConfig:
+    """The growth section's own rules, after build_section checked its keys and types."""
+    optims = {}
     for key in ("source_optim", "grown_optim"):  # checked and typed as the optim section is
-        given = out.get(key, {})
+        given = getattr(g, key)
         try:
-            checked = _build("optim", OptimConfig, given)
+            checked = build_section("optim", OptimConfig, given)
         except UserError as e:
             raise UserError(f"growth.{key}: {e}") from None
-        out[key] = {k: getattr(checked, k) for k in given}
-    g = GrowthConfig(**out)
+        optims[key] = {k: getattr(checked, k) for k in given}
     if g.source_steps < 0:
         raise UserError(f"growth.source_steps must be >= 0, got {g.source_steps}")
-    return g
+    return replace(g, **optims)
 
 
 def load_growth_recipe(path: str | Path | None, overrides: list[str] = ()) -> tuple[Recipe, GrowthConfig]:
     """(recipe of the source run, growth section) from a YAML file (None: DEFAULT_RECIPE) and --a.b=c overrides."""
-    where = "the default recipe" if path is None else f"recipe {path}"
-    try:
-        text = DEFAULT_RECIPE if path is None else Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
-    except FileNotFoundError:
-        raise UserError(f"recipe {path} does not exist") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read {where}: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be a mapping of sections")
-    known = ("model", *SECTIONS, "growth")
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise UserError(f"unknown recipe section {unknown[0]!r} (known: {', '.join(known)})")
-    for k in known:
-        if not isinstance(raw.get(k) or {}, dict):
-            raise UserError(f"recipe section {k} must be a mapping, got {raw[k]!r}")
-    growth = dict(raw.pop("growth", None) or {})
-    rest = []
-    for arg in overrides:
-        if arg.startswith("--growth."):
-            key, sep, value = arg[len("--growth.") :].partition("=")
-            if not sep or not key or "." in key:
-                raise UserError(f"override {arg!r} must look like --growth.key=value")
-            growth[key] = yaml.safe_load(value) if value != "" else ""
-        else:
-            rest.append(arg)
-    # The other sections go through lmforge.recipe as overrides (JSON is YAML), so they are checked as there.
-    as_overrides = [f"--{s}.{k}={json.dumps(v)}" for s, values in raw.items() for k, v in (values or {}).items()]
-    return load_recipe(None, as_overrides + rest), _check_growth(growth)
+    recipe, extra = load_recipe_sections(path, overrides, {"growth": GrowthConfig}, default_text=DEFAULT_RECIPE)
+    return recipe, _check_growth(extra["growth"])
 
 
 # ---- the experiment --------------------------------------------------------------------------------------------

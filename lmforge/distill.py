@@ -19,26 +19,21 @@ only; its keys are checked the same way and it is overridable as --distill.key=v
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
 from lmforge import dist, metrics
 from lmforge.data import check_tokenizer_matches
 from lmforge.errors import UserError
 from lmforge.model import lm_loss
-from lmforge.recipe import SECTIONS, Recipe, load_recipe
+from lmforge.recipe import Recipe, load_recipe_sections
 from lmforge.train import RESUMABLE_KEYS, Trainer
 
 # Rows of (rows, vocab) float32 temporaries the KL works on at once: 8M floats = 32 MB per temporary, whatever
@@ -63,72 +58,6 @@ class DistillConfig:
 
 # Keys that may differ when a distill run is resumed: when to stop, like train.steps.
 DISTILL_RESUMABLE_KEYS = ("distill.stop_kl", "distill.plateau_patience", "distill.plateau_min_delta")
-
-
-# ---- the recipe's distill section ----------------------------------------------------------------
-def _check_section(name: str, cls: type, values: dict[str, Any]) -> Any:
-    """A dataclass from a YAML mapping: unknown keys and wrong types are one-line errors, as in lmforge.recipe
-    (int accepted for float, and YAML 1.1's "1e-3" string for a float)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise UserError(f"unknown recipe key {name}.{key} (known: {', '.join(sorted(fields))})")
-        hint = hints[key]
-        allowed = hint.__args__ if isinstance(hint, types.UnionType) else (hint,)
-        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if float in allowed and isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if not any(type(value) is t for t in allowed):
-            want = " or ".join(t.__name__ for t in allowed)
-            raise UserError(f"recipe key {name}.{key} expects {want}, got {value!r}")
-        out[key] = value
-    return cls(**out)
-
-
-def load_recipe_sections(
-    path: str | Path | None, overrides: list[str] = (), extra_sections: dict[str, type] | None = None
-) -> tuple[Recipe, dict[str, Any]]:
-    """(recipe, {section name: dataclass}) from a YAML file and --a.b=c overrides, where `extra_sections` names the
-    sections beyond lmforge.recipe's that this command accepts ({"distill": DistillConfig}). The standard
-    sections go through load_recipe, so every key is checked as there; an extra section's keys are checked by
-    its dataclass."""
-    extra_sections = extra_sections or {}
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"recipe {path} does not exist") from None
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read recipe {path}: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"recipe {path} must be a mapping of sections")
-    known = ("model", *SECTIONS, *extra_sections)
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise UserError(f"unknown recipe section {unknown[0]!r} (known: {', '.join(known)})")
-    for k in known:
-        if not isinstance(raw.get(k) or {}, dict):
-            raise UserError(f"recipe section {k} must be a mapping, got {raw[k]!r}")
-    extra_values = {name: dict(raw.pop(name, None) or {}) for name in extra_sections}
-    rest = []
-    for arg in overrides:
-        section = arg[2:].split(".", 1)[0] if arg.startswith("--") else ""
-        if section not in extra_values:
-            rest.append(arg)
-            continue
-        key, sep, value = arg[len(section) + 3 :].partition("=")
-        if not sep or not key or "." in key:
-            raise UserError(f"override {arg!r} must look like --{section}.key=value")
-        extra_values[section][key] = yaml.safe_load(value) if value != "" else ""
-    # The standard sections travel as overrides (JSON is YAML), so lmforge.recipe checks them as it always does.
-    as_overrides = [f"--{s}.{k}={json.dumps(v)}" for s, values in raw.items() for k, v in (values or {}).items()]
-    recipe = load_recipe(None, as_overrides + rest)
-    return recipe, {name: _check_section(name, cls, extra_values[name]) for name, cls in extra_sections.items()}
 
 
 def check_distill_config(d: DistillConfig, eval_every: int) -> None:

@@ -12,6 +12,7 @@ The resolved recipe (after overrides) is saved in every run folder.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,10 +80,8 @@ class Recipe:
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 
 
-def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
-    """Check a YAML value against the field's annotation (int accepted for float, list for tuple)."""
-    hint = typing.get_type_hints(_owner[section])[f.name]
-    where = f"{section}.{f.name}"
+def _coerce(where: str, hint: Any, value: Any) -> Any:
+    """Check a YAML value against a field's annotation (int accepted for float, list for tuple)."""
     if isinstance(hint, types.UnionType) and value is None and type(None) in hint.__args__:
         return None
     base = typing.get_origin(hint) or hint
@@ -105,15 +104,16 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
     raise UserError(f"recipe key {where} expects {getattr(base, '__name__', base)}, got {value!r}")
 
 
-_owner: dict[str, type] = {"model": ModelConfig, **SECTIONS}
-
-
-def _build(section: str, cls: type, values: dict[str, Any], base: Any = None) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+def build_section(section: str, cls: type, values: dict[str, Any], base: Any = None) -> Any:
+    """The dataclass `cls` from a section's YAML mapping (on top of `base` if given): an unknown key or a value
+    of the wrong type is a one-line error. Commands with sections of their own (demo's growth, distill's
+    distill) check them with this too."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
         raise UserError(f"unknown recipe key {section}.{unknown[0]} (known: {', '.join(sorted(fields))})")
-    kwargs = {k: _coerce(section, fields[k], v) for k, v in values.items()}
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(f"{section}.{k}", hints[k], v) for k, v in values.items()}
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
@@ -159,5 +159,51 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
     base = PRESETS[preset] if preset else ModelConfig()
-    model = _build("model", ModelConfig, model_values, base)
-    return Recipe(model=model, **{name: _build(name, cls, sections[name]) for name, cls in SECTIONS.items()})
+    model = build_section("model", ModelConfig, model_values, base)
+    return Recipe(model=model, **{name: build_section(name, cls, sections[name]) for name, cls in SECTIONS.items()})
+
+
+def load_recipe_sections(
+    path: str | Path | None,
+    overrides: list[str] = (),
+    extra_sections: dict[str, type] | None = None,
+    default_text: str | None = None,
+) -> tuple[Recipe, dict[str, Any]]:
+    """(recipe, {section: dataclass}) for a command with sections of its own beyond model/data/optim/train
+    (extra_sections, e.g. {"distill": DistillConfig}), from a YAML file (path None: `default_text`) and --a.b=c
+    overrides. The standard sections go through load_recipe, so they are checked as there; an extra section by
+    build_section."""
+    extra_sections = extra_sections or {}
+    where = f"recipe {path}" if path is not None else "the default recipe"
+    raw: dict[str, Any] = {}
+    if path is not None or default_text is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text() if path is not None else default_text) or {}
+        except FileNotFoundError:
+            raise UserError(f"recipe {path} does not exist") from None
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read {where}: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{where} must be a mapping of sections")
+    known = ("model", *SECTIONS, *extra_sections)
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise UserError(f"unknown recipe section {unknown[0]!r} (known: {', '.join(known)})")
+    for k in known:
+        if not isinstance(raw.get(k) or {}, dict):
+            raise UserError(f"recipe section {k} must be a mapping, got {raw[k]!r}")
+    extra_values = {name: dict(raw.pop(name, None) or {}) for name in extra_sections}
+    rest = []
+    for arg in overrides:
+        section = arg[2:].split(".", 1)[0] if arg.startswith("--") else ""
+        if section not in extra_values:
+            rest.append(arg)
+            continue
+        key, sep, value = arg[len(section) + 3 :].partition("=")
+        if not sep or not key or "." in key:
+            raise UserError(f"override {arg!r} must look like --{section}.key=value")
+        extra_values[section][key] = yaml.safe_load(value) if value != "" else ""
+    # The standard sections travel as overrides (JSON is YAML), so load_recipe checks them as it always does.
+    as_overrides = [f"--{s}.{k}={json.dumps(v)}" for s, values in raw.items() for k, v in (values or {}).items()]
+    recipe = load_recipe(None, as_overrides + rest)
+    return recipe, {name: build_section(name, cls, extra_values[name]) for name, cls in extra_sections.items()}
