@@ -27,6 +27,7 @@ from lmforge.api import build_model, read_checkpoint, save_lmforge
 from lmforge.config import ModelConfig
 from lmforge.data import BatchSampler, TokenDataset, check_tokenizer_matches
 from lmforge.errors import UserError
+from lmforge.grow_cli import add_size_flags, size_args
 from lmforge.hf import save_hf
 from lmforge.model import Transformer, lm_loss
 from lmforge.surgery.fuse import count_params, drop_layers, fuse, target_config
@@ -44,14 +45,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("src", help="checkpoint to fuse")
     p.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --overwrite)")
-    for flag, what in (
-        ("--hidden", "hidden size"),
-        ("--ffn", "FFN size"),
-        ("--heads", "attention heads"),
-        ("--kv-heads", "KV heads (GQA)"),
-        ("--layers", "layers"),
-    ):
-        p.add_argument(flag, type=int, default=None, help=f"target {what}")
+    add_size_flags(p)
     p.add_argument("--method", choices=METHODS, default="fuse", help="fuse (default) or a baseline")
     p.add_argument("--data", required=True, help="token dataset built with SRC's tokenizer (`lmforge data`)")
     p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences from the train split (16)")
@@ -59,9 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--eval-batches", type=int, default=4, help="validation batches of 8 sequences (4; 0 = none)")
     p.add_argument(
         "--ridge",
-        type=float,
-        default=1e-2,
-        help="ridge of the least-squares writer refits, relative to the mean activation energy (0.01)",
+        type=_ridge,
+        default=None,
+        help="ridge of the least-squares writer refits toward the summed writers, relative to the mean activation"
+        " energy (default: auto, chosen per refit on held-out calibration tokens)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of --method random")
     p.add_argument("--format", choices=("hf", "lmforge"), default="hf", help="form of DST (default: hf)")
@@ -69,19 +64,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _ridge(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a non-negative number")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for flag in ("calib_seqs", "seq_len"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
-    if args.ridge < 0 or args.eval_batches < 0:
-        raise UserError("--ridge and --eval-batches must not be negative")
+    if args.eval_batches < 0:
+        raise UserError("--eval-batches must not be negative")
     cfg, tensors, side = read_checkpoint(args.src)
     train = TokenDataset(args.data, "train")
     check_tokenizer_matches(train.manifest, cfg.vocab_size, side)
     if cfg.position == "learned" and args.seq_len > cfg.max_seq_len:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    sizes = dict(hidden=args.hidden, ffn=args.ffn, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers)
+    sizes = size_args(args)
     target_config(cfg, **sizes)  # bad sizes fail here, before anything is loaded
     state = dict(tensors)
     calib_ids = BatchSampler(train, args.calib_seqs, args.seq_len, args.seed).next_batch()[0]  # (B, T)

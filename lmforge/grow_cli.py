@@ -34,6 +34,25 @@ HELD_OUT_TEXT = (
 CHECK_TOKENS = 256
 
 
+SIZES = {
+    "hidden": "hidden size",
+    "ffn": "FFN size",
+    "heads": "attention heads",
+    "kv_heads": "KV heads (GQA)",
+    "layers": "layers",
+}
+
+
+def add_size_flags(p: argparse.ArgumentParser) -> None:
+    """--hidden, --ffn, --heads, --kv-heads, --layers: a target's sizes (grow and fuse); None = the source's."""
+    for name, what in SIZES.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None, help=f"target {what}")
+
+
+def size_args(args: argparse.Namespace) -> dict[str, int | None]:
+    return {name: getattr(args, name) for name in SIZES}
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "grow",
@@ -44,14 +63,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("src", help="checkpoint to grow")
     p.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --overwrite)")
-    for flag, what in (
-        ("--hidden", "hidden size"),
-        ("--ffn", "FFN size"),
-        ("--heads", "attention heads"),
-        ("--kv-heads", "KV heads (GQA)"),
-        ("--layers", "layers"),
-    ):
-        p.add_argument(flag, type=int, default=None, help=f"target {what}")
+    add_size_flags(p)
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -110,11 +122,7 @@ def run(args: argparse.Namespace) -> int:
     cfg_t, out = grow(
         cfg,
         tensors,
-        hidden=args.hidden,
-        ffn=args.ffn,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        layers=args.layers,
+        **size_args(args),
         mode=args.mode,
         depth=args.depth,
         noise_snr_db=args.noise_snr_db,
@@ -124,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if trained is not None:  # grown before DST is written, which then holds it as one more file (atomically)
         from lmforge.surgery.grow_optim import OPTIMIZER_STATE_FILE, grow_optimizer_state, optimizer_state_bytes
 
-        keys = ("hidden", "ffn", "heads", "kv_heads", "layers", "mode", "depth")
-        _, moments = grow_optimizer_state(cfg, trained.optimizer_state, **{k: getattr(args, k) for k in keys})
+        _, moments = grow_optimizer_state(
+            cfg, trained.optimizer_state, **size_args(args), mode=args.mode, depth=args.depth
+        )
         side = {**side, OPTIMIZER_STATE_FILE: optimizer_state_bytes(moments, trained.step)}
         del moments
     first = next(out, None)

@@ -15,7 +15,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.model import Transformer
 from lmforge.surgery.fuse import count_params, drop_layers, fuse, target_config
-from lmforge.surgery.fuse_math import cluster
+from lmforge.surgery.fuse_math import cluster, refit
 from lmforge.surgery.grow import grow
 
 V = 64
@@ -120,16 +120,18 @@ FIELDS = {
 }
 
 
+@pytest.mark.parametrize("ridge", [0.0, None], ids=["lstsq", "auto"])
 @pytest.mark.parametrize("family,sizes", CASES, ids=[f"{f}-{'-'.join(s)}" for f, s in CASES])
-def test_fusing_exact_copies_recovers_the_source(family, sizes):
+def test_fusing_exact_copies_recovers_the_source(family, sizes, ridge):
     """grow (clone) duplicates channels, neurons and heads and inserts identity blocks; fusing back to the
-    source's sizes must find the copies and give the source's outputs (least squares without ridge)."""
+    source's sizes must find the copies and give the source's outputs, with plain least squares and with the
+    default held-out ridge (whose prior, the copies' summed writers, is then exact)."""
     cfg = FAMILIES[family]
     model, state = source(cfg)
     cfg_g, grown = grow(cfg, state, mode="clone", **sizes)
     grown = dict(grown)
     back = {k: getattr(cfg, field) for k, field in FIELDS.items()}  # grow scales FFN and heads with hidden
-    cfg_f, fused, _ = fuse(cfg_g, grown, IDS, ridge=0.0, **back)
+    cfg_f, fused, _ = fuse(cfg_g, grown, IDS, ridge=ridge, **back)
     assert (cfg_f.hidden_size, cfg_f.ffn_size, cfg_f.num_heads, cfg_f.num_layers) == (
         cfg.hidden_size,
         cfg.ffn_size,
@@ -189,6 +191,24 @@ def test_cluster_merges_duplicates_first():
         assert torch.allclose(g.coef.norm(), torch.tensor(1.0, dtype=torch.float64))
     unsigned = cluster(feats.T @ feats, 6, signed=False)  # the anti-correlated copy (ch 7 = -0.5 ch 4) is refused
     assert [4, 7] not in [g.members.tolist() for g in unsigned]
+
+
+def test_refit_ridge_is_chosen_on_held_out_rows():
+    """Few noisy rows: plain least squares memorises the noise; the held-out ridge stays near the true writer
+    (here the prior), and an exact linear target is reproduced whatever the ridge."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 48, dtype=torch.float64, generator=gen)
+    w_true = torch.randn(16, 48, dtype=torch.float64, generator=gen)
+    noisy = x @ w_true.T + 3.0 * torch.randn(80, 16, dtype=torch.float64, generator=gen)
+    w_ls, _ = refit(x, noisy, bias=False, ridge=0.0, prior=w_true)
+    w_auto, _ = refit(x, noisy, bias=False, prior=w_true)
+    assert (w_auto - w_true).norm() < (w_ls - w_true).norm() / 3
+    w_prior, _ = refit(x, noisy, bias=False, ridge=float("inf"), prior=w_true)
+    assert torch.equal(w_prior, w_true)
+    b_true = torch.randn(16, dtype=torch.float64, generator=gen)
+    for ridge in (0.0, None):
+        w, b = refit(x, x @ w_true.T + b_true, bias=True, ridge=ridge, prior=w_true * 0.5)
+        assert torch.allclose(x @ w.T + b, x @ w_true.T + b_true, atol=1e-8)
 
 
 def test_target_config_rules():

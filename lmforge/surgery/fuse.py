@@ -10,6 +10,8 @@ calibration tokens (lmforge.surgery.fuse_calib). Two stages, as in seeds/003 (Ba
      a group's q/k/v rows are averaged with energy weights, and o_proj is refitted by least squares to
      reproduce the layer's original attention output from the fused heads;
    - FFN neurons: grouped by their activations, gate/up rows averaged the same way, down_proj refitted;
+   - every refit is ridge least squares toward the writer fusion would use without data (the sum of a group's
+     members' writer columns), its ridge chosen on held-out calibration tokens (fuse_math.refit);
    - hidden channels: grouped by the norm outputs of every layer, one map E (C, C') for all: each group's
      channels become one, x' = E^T x, with E's column the group's top eigenvector. Every residual writer W
      becomes E^T W, every reader W E, embeddings emb E; norm gains sqrt(C/C') (E*E)^T g, biases E^T b and
@@ -24,8 +26,8 @@ calibration tokens (lmforge.surgery.fuse_calib). Two stages, as in seeds/003 (Ba
 
 Exactness: a target equal to the source is the identity, and a model that holds exact copies (heads, neurons,
 residual channels duplicated, identity blocks inserted: what `lmforge grow` makes) fuses back to its source's
-function (with ridge=0); tests/test_fuse.py checks both. Anything else is approximate by design: the fused
-model is the start of recovery training (`lmforge distill`).
+function (the refits' priors, a group's summed writers, are then exact); tests/test_fuse.py checks both. Anything
+else is approximate by design: the fused model is the start of recovery training (`lmforge distill`).
 
 `method="prune"` is the Minitron-style baseline in the same code: keep the most important heads / neurons /
 channels (mean activation magnitude), through the same hidden map, no refit; drop the least influential layers.
@@ -118,7 +120,7 @@ def fuse(
     kv_heads: int | None = None,
     layers: int | None = None,
     method: str = "fuse",
-    ridge: float = 1e-2,
+    ridge: float | None = None,
     progress: Progress | None = None,
 ) -> tuple[ModelConfig, dict[str, Tensor], dict]:
     """Fuse (or prune, method="prune") the model (cfg, state) to the target sizes, using calib_ids (B, T)."""
@@ -260,7 +262,15 @@ def _fuse_heads(
             {k.removeprefix(p): v for k, v in sd.items() if k.startswith(p) and "o_proj" not in k}, strict=False
         )
         y2 = head_outputs(model, attn, calib.attn_in[i]).flatten(1)  # (N, H' * D)
-        w, b = refit(y2, calib.attn_out[i], bias=cfg.out_bias, ridge=ridge)
+        prior = torch.stack([wo.index_select(1, grp.members).sum(1) for grp in q_groups], 1)  # (C, H', D)
+        w, b = refit(
+            y2,
+            calib.attn_out[i],
+            bias=cfg.out_bias,
+            ridge=ridge,
+            prior=prior.flatten(1),
+            prior_bias=sd.get(p + "o_proj.bias"),
+        )
         sd[p + "o_proj.weight"] = w.float()
         if b is not None:
             sd[p + "o_proj.bias"] = b.float()
@@ -278,7 +288,9 @@ def mlp_hidden(cfg: ModelConfig, sd: Mapping[str, Tensor], prefix: str, x: Tenso
     return act(up)
 
 
-def _fuse_ffn(cfg: ModelConfig, ffn: int, sd: dict, i: int, calib: Calibration, method: str, ridge: float) -> None:
+def _fuse_ffn(
+    cfg: ModelConfig, ffn: int, sd: dict, i: int, calib: Calibration, method: str, ridge: float | None
+) -> None:
     """Layer i's MLP from F to ffn neurons, in place in sd."""
     p = f"layers.{i}.mlp."
     h = mlp_hidden(cfg, sd, p, calib.mlp_in[i])  # (N, F)
@@ -291,7 +303,12 @@ def _fuse_ffn(cfg: ModelConfig, ffn: int, sd: dict, i: int, calib: Calibration, 
         if cfg.mlp_bias:
             sd[p + name + ".bias"] = _combine(sd[p + name + ".bias"], groups)
     if method == "fuse":  # refit down_proj: fused activations -> the original MLP output
-        w, b = refit(mlp_hidden(cfg, sd, p, calib.mlp_in[i]), calib.mlp_out[i], bias=cfg.mlp_bias, ridge=ridge)
+        down = sd[p + "down_proj.weight"]  # (C, F)
+        prior = torch.stack([down.index_select(1, grp.members).sum(1) for grp in groups], 1)  # (C, ffn)
+        h = mlp_hidden(cfg, sd, p, calib.mlp_in[i])
+        w, b = refit(
+            h, calib.mlp_out[i], bias=cfg.mlp_bias, ridge=ridge, prior=prior, prior_bias=sd.get(p + "down_proj.bias")
+        )
         sd[p + "down_proj.weight"] = w.float()
         if b is not None:
             sd[p + "down_proj.bias"] = b.float()
@@ -374,7 +391,7 @@ def drop_layers(
 
 @torch.no_grad()
 def fuse_layers(
-    cfg: ModelConfig, sd: dict[str, Tensor], calib_ids: Tensor, target: int, ridge: float
+    cfg: ModelConfig, sd: dict[str, Tensor], calib_ids: Tensor, target: int, ridge: float | None
 ) -> tuple[dict[str, Tensor], list[list[int]]]:
     """cfg.num_layers blocks -> `target` blocks (see the module docstring). Returns the state and the groups."""
     model = _build(cfg, sd)
@@ -475,7 +492,9 @@ def _per_group(y: Tensor, groups: int) -> Tensor:
     return y.reshape(y.shape[0], groups, -1).transpose(0, 1).reshape(groups, -1).T
 
 
-def _merge_candidates(cfg, model, sd, group, influence, calib: Calibration, ridge: float) -> list[dict[str, Tensor]]:
+def _merge_candidates(
+    cfg, model, sd, group, influence, calib: Calibration, ridge: float | None
+) -> list[dict[str, Tensor]]:
     """Candidate blocks for `group`, from its aligned blocks: readers averaged with weights proportional to
     influence, or the most influential block's alone, each with its writers refitted (pre-norm) and, for the
     latter, also as it is (plain layer dropping: fusion never does worse than it on the calibration tokens).
@@ -485,6 +504,9 @@ def _merge_candidates(cfg, model, sd, group, influence, calib: Calibration, ridg
     by_influence = torch.tensor([max(influence[i], 0.0) for i in group], dtype=torch.float64) + 1e-12
     x_in = calib.hidden[group[0]].view(*calib.ids.shape, -1)  # (B, T, C)
     x_out = calib.hidden[group[-1] + 1]  # (N, C)
+    # The group's update is the sum of its blocks' updates: with aligned blocks that compute alike, the sum of
+    # their writers is the refit's prior.
+    prior = {name: sum(b[name] for b in blocks) for name in blocks[0] if _part("layers.0." + name) in WRITERS}
     candidates = [_layer(sd, ref)]
     for share in (by_influence / by_influence.sum(), None):
         if share is None:  # the dominant block's readers alone
@@ -492,7 +514,7 @@ def _merge_candidates(cfg, model, sd, group, influence, calib: Calibration, ridg
         else:
             merged = {name: sum(s * b[name] for s, b in zip(share.float(), blocks)) for name in blocks[0]}
         if cfg.norm_position == "pre":
-            merged = _refit_writers(cfg, model, merged, group, x_in, x_out, calib, ridge)
+            merged = _refit_writers(cfg, model, {**merged, **prior}, group, x_in, x_out, calib, ridge)
         candidates.append(merged)
     return candidates
 
@@ -500,20 +522,34 @@ def _merge_candidates(cfg, model, sd, group, influence, calib: Calibration, ridg
 def _refit_writers(cfg, model, merged: dict, group, x_in: Tensor, x_out: Tensor, calib, ridge) -> dict[str, Tensor]:
     """Pre-norm: the block must map the group's input x_in (B, T, C) to its output x_out (N, C). The attention
     writer reproduces the sum of the group's attention outputs; the MLP writer then whatever the group adds
-    beyond that."""
+    beyond that. The writers in `merged` are the refits' priors."""
     merged = dict(merged)
     block = type(model.layers[0])(cfg).eval()
     block.load_state_dict(merged)
     y = head_outputs(model, block.attn, block.attn_norm(x_in)).flatten(1)  # (N, H * D)
     attn_target = sum(calib.attn_out[i] for i in group)  # (N, C)
-    w, b = refit(y, attn_target, bias=cfg.out_bias, ridge=ridge)
+    w, b = refit(
+        y,
+        attn_target,
+        bias=cfg.out_bias,
+        ridge=ridge,
+        prior=merged["attn.o_proj.weight"],
+        prior_bias=merged.get("attn.o_proj.bias"),
+    )
     merged["attn.o_proj.weight"] = w.float()
     if b is not None:
         merged["attn.o_proj.bias"] = b.float()
     block.load_state_dict(merged)
     x_mid = x_in + block.attn.o_proj(y.view(*x_in.shape[:2], -1))  # (B, T, C)
     h = mlp_hidden(cfg, merged, "mlp.", block.mlp_norm(x_mid).flatten(0, 1))
-    w, b = refit(h, x_out - x_mid.flatten(0, 1), bias=cfg.mlp_bias, ridge=ridge)
+    w, b = refit(
+        h,
+        x_out - x_mid.flatten(0, 1),
+        bias=cfg.mlp_bias,
+        ridge=ridge,
+        prior=merged["mlp.down_proj.weight"],
+        prior_bias=merged.get("mlp.down_proj.bias"),
+    )
     merged["mlp.down_proj.weight"] = w.float()
     if b is not None:
         merged["mlp.down_proj.bias"] = b.float()

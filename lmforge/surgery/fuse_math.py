@@ -138,22 +138,67 @@ def correlation(a: Tensor, b: Tensor) -> Tensor:
     return a.T @ b
 
 
-def refit(inputs: Tensor, target: Tensor, *, bias: bool, ridge: float) -> tuple[Tensor, Tensor | None]:
-    """The writer (out, in) [and bias (out,)] minimising ||inputs @ W.T + b - target||^2 + ridge-penalty.
+RIDGES = (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, float("inf"))  # the held-out grid (inf: the prior alone)
 
-    inputs (N, in), target (N, out). ridge is relative to the mean input energy per channel; 0 = plain least
-    squares (minimum-norm), which reproduces the target exactly whenever it is a linear function of the inputs.
+
+def refit(
+    inputs: Tensor,
+    target: Tensor,
+    *,
+    bias: bool,
+    ridge: float | None = None,
+    prior: Tensor | None = None,
+    prior_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The writer W (out, in) [and bias b (out,)] minimising ||inputs @ W.T + b - target||^2 + lam ||W - prior||^2.
+
+    inputs (N, in), target (N, out); prior (out, in) (zero if None) is the writer fusion would use without data
+    (the sum of a group's members' columns). lam = ridge x the mean input energy per channel. ridge 0: the
+    minimum-norm least-squares step away from the prior, exact whenever the target is a linear function of the
+    inputs. ridge None: chosen from RIDGES by the error on the last quarter of the rows (the last calibration
+    sequences) of a fit on the other rows, then refitted on all rows: an unregularised refit of a few thousand
+    tokens memorises them, with weights many times the source's (seen as a large first gradient in recovery).
     """
     x = inputs.double()
     if bias:
         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-    y = target.double()
-    if ridge > 0:
-        a = x.T @ x
-        lam = ridge * a.diagonal().mean()
-        a = a + lam * torch.eye(a.shape[0], dtype=a.dtype)
-        w = torch.linalg.solve(a, x.T @ y)  # (in [+1], out)
-    else:
-        w = torch.linalg.lstsq(x, y, driver="gelsd").solution
-    w = w.T  # (out, in [+1])
+    p = torch.zeros(target.shape[1], x.shape[1], dtype=torch.float64)  # (out, in [+1])
+    if prior is not None:
+        p[:, : prior.shape[1]] = prior.double()
+    if bias and prior_bias is not None:
+        p[:, -1] = prior_bias.double()
+    y = target.double() - x @ p.T  # (N, out): what the step away from the prior must add
+    held = x.shape[0] // 4 if ridge is None else 0
+    fit = _Normal(x[: len(x) - held], y[: len(y) - held])
+    if held:
+        errors = [((x[-held:] @ fit.step(r) - y[-held:]).pow(2).sum().item(), r) for r in RIDGES]
+        ridge = min(errors)[1]
+        fit = fit.plus(x[-held:], y[-held:])
+    elif ridge is None:
+        ridge = RIDGES[3]  # too few rows to hold any out
+    w = p + fit.step(ridge).T  # (out, in [+1])
     return (w[:, :-1], w[:, -1]) if bias else (w, None)
+
+
+class _Normal:
+    """The normal equations of min ||x s - y||^2, solved for any ridge through one eigendecomposition."""
+
+    def __init__(self, x: Tensor, y: Tensor, gram: Tensor | None = None, cross: Tensor | None = None):
+        self.gram = x.T @ x if gram is None else gram  # (in, in)
+        self.cross = x.T @ y if cross is None else cross  # (in, out)
+        self.vals, self.vecs = torch.linalg.eigh(self.gram)
+        self.proj = self.vecs.T @ self.cross  # (in, out)
+
+    def plus(self, x: Tensor, y: Tensor) -> _Normal:
+        return _Normal(x, y, self.gram + x.T @ x, self.cross + x.T @ y)
+
+    def step(self, ridge: float) -> Tensor:
+        """(in, out): the ridge solution; at ridge 0 the minimum-norm one (eigenvalues below 1e-12 of the largest
+        are treated as zero); at ridge inf, zero."""
+        if ridge == float("inf"):
+            return torch.zeros_like(self.proj)
+        if ridge == 0:
+            inv = torch.where(self.vals > 1e-12 * self.vals[-1], 1 / self.vals, torch.zeros_like(self.vals))
+        else:
+            inv = 1 / (self.vals + ridge * self.gram.diagonal().mean())
+        return self.vecs @ (inv[:, None] * self.proj)
