@@ -14,7 +14,7 @@ from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.model import Transformer
-from lmforge.surgery.fuse import count_params, drop_layers, fuse, target_config
+from lmforge.surgery.fuse import apply_hidden_map, count_params, drop_layers, fold_norm_gains, fuse, target_config
 from lmforge.surgery.fuse_math import cluster, refit
 from lmforge.surgery.grow import grow
 
@@ -191,6 +191,29 @@ def test_cluster_merges_duplicates_first():
         assert torch.allclose(g.coef.norm(), torch.tensor(1.0, dtype=torch.float64))
     unsigned = cluster(feats.T @ feats, 6, signed=False)  # the anti-correlated copy (ch 7 = -0.5 ch 4) is refused
     assert [4, 7] not in [g.members.tolist() for g in unsigned]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_folding_norm_gains_keeps_the_function(tied):
+    cfg = FAMILIES["llama"].replace(tie_embeddings=tied)
+    model, state = source(cfg)
+    folded = fold_norm_gains(cfg, state)
+    assert all(
+        torch.equal(folded[k], torch.ones_like(folded[k])) for k in folded if k.startswith("layers.") and "norm" in k
+    )
+    assert torch.equal(folded["norm.weight"], state["norm.weight"]) == tied  # a tied head keeps the final gain
+    assert rel_err(build_model(cfg, folded.items(), torch.float64)(IDS), model(IDS)) < 1e-12
+
+
+def test_a_rotation_of_the_stream_with_folded_gains_keeps_the_function():
+    """The PCA map is a rotation when nothing is cut: with the gains folded (an untied head), every norm commutes
+    with it, so the rotated model computes the same function."""
+    cfg = FAMILIES["llama"].replace(tie_embeddings=False)
+    model, state = source(cfg)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    rotated = apply_hidden_map(fold_norm_gains(cfg, state), q)
+    # RMSNorm takes its statistics in float32 (as HF does), so a rotated stream agrees to float32 rounding.
+    assert rel_err(build_model(cfg, rotated.items(), torch.float64)(IDS), model(IDS)) < 1e-6
 
 
 def test_refit_ridge_is_chosen_on_held_out_rows():

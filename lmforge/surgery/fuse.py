@@ -12,10 +12,12 @@ calibration tokens (lmforge.surgery.fuse_calib). Two stages, as in seeds/003 (Ba
    - FFN neurons: grouped by their activations, gate/up rows averaged the same way, down_proj refitted;
    - every refit is ridge least squares toward the writer fusion would use without data (the sum of a group's
      members' writer columns), its ridge chosen on held-out calibration tokens (fuse_math.refit);
-   - hidden channels: grouped by the norm outputs of every layer, one map E (C, C') for all: each group's
-     channels become one, x' = E^T x, with E's column the group's top eigenvector. Every residual writer W
-     becomes E^T W, every reader W E, embeddings emb E; norm gains sqrt(C/C') (E*E)^T g, biases E^T b and
-     eps * C/C' (so a norm of fused channels sees the statistics the source's norm saw).
+   - hidden channels: one map E (C, C') with orthonormal columns for the whole stream, x' = E^T x. Every
+     residual writer W becomes E^T W, every reader W E, embeddings emb E; norm gains sqrt(C/C') (E*E)^T g,
+     biases E^T b and eps * C/C' (so a norm of fused channels sees the statistics the source's norm saw).
+     E groups channels by the norm outputs of every layer (a group's column is its top eigenvector) or, for
+     pre-norm RMSNorm models, after the block norms' gains are folded into their readers, also the stream's
+     top principal directions; whichever keeps the model closer to the source on calibration text is used.
 2. Layer fusion, on the dimension-fused model: neighbouring layers whose blocks change the stream least
    (block influence) form groups; each group's layers are aligned (heads and neurons paired by activation
    correlation), their readers (norms, q/k/v, gate/up) averaged with weights proportional to influence, and
@@ -145,13 +147,14 @@ def fuse(
         if tgt.ffn_size != cfg.ffn_size:
             _fuse_ffn(cfg, tgt.ffn_size, sd, i, calib, method, ridge)
         say(f"dimensions: layer {i + 1}/{cfg.num_layers}")
+    mid = tgt.replace(num_layers=cfg.num_layers)
     if tgt.hidden_size != cfg.hidden_size:
         if method == "fuse":
-            groups = cluster(calib.stream_gram, tgt.hidden_size, signed=True)
+            sd, report["hidden_map_kl"] = fuse_hidden(
+                cfg, mid, sd, calib, Judge(model, calib_ids[-max(1, len(calib_ids) // 4) :])
+            )
         else:
-            groups = _top(calib.stream_abs, tgt.hidden_size)
-        sd = apply_hidden_map(sd, _map_matrix(groups, cfg.hidden_size))
-    mid = tgt.replace(num_layers=cfg.num_layers)
+            sd = apply_hidden_map(sd, _map_matrix(_top(calib.stream_abs, tgt.hidden_size), cfg.hidden_size))
 
     # Stage 2: layers.
     if tgt.num_layers != cfg.num_layers:
@@ -317,10 +320,55 @@ def _fuse_ffn(
         sd[p + "down_proj.weight"] = sd[p + "down_proj.weight"].index_select(1, keep)
 
 
+def fuse_hidden(
+    cfg: ModelConfig, mid: ModelConfig, sd: dict[str, Tensor], calib: Calibration, judge: Judge
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The hidden channels from cfg's to mid's, by whichever map keeps the model closest to the source (judge):
+    - "groups": channels merged in groups (cluster), each norm's gain averaged over a group's channels;
+    - "groups-folded" (RMSNorm, pre-norm): the same, with the block norms' gains first moved into their readers,
+      so a group's readers keep each member's own gain;
+    - "pca" (RMSNorm, pre-norm): the top principal directions of what the readers see (SliceGPT's projection,
+      one for the whole stream), gains folded the same way: the best rank-C' linear reading of the stream.
+    Returns the chosen map's state and every candidate's distance from the source, the chosen one's first."""
+    C, C2 = cfg.hidden_size, mid.hidden_size
+    groups = _map_matrix(cluster(calib.stream_gram, C2, signed=True), C)
+    candidates = {"groups": apply_hidden_map(sd, groups)}
+    if cfg.norm == "rmsnorm" and cfg.norm_position == "pre":
+        folded = fold_norm_gains(cfg, sd)
+        _, vecs = torch.linalg.eigh(calib.stream_gram)  # ascending
+        candidates["groups-folded"] = apply_hidden_map(folded, groups)
+        candidates["pca"] = apply_hidden_map(folded, vecs[:, -C2:].flip(1))
+    names = expected_shapes(mid)
+    score = {name: judge.distance(_build(mid, {k: c[k] for k in names})) for name, c in candidates.items()}
+    ranked = dict(sorted(score.items(), key=lambda kv: kv[1]))
+    return candidates[next(iter(ranked))], ranked
+
+
+def fold_norm_gains(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Pre-norm RMSNorm: each block norm's gain multiplied into the readers after it (q/k/v after attn_norm,
+    gate/up after mlp_norm) and set to 1; the same function. (The final norm keeps its gain when the LM head is
+    tied to the embeddings, which write the stream too.)"""
+    out = dict(sd)
+    readers = {"attn_norm": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "mlp_norm": ("mlp.gate_proj", "mlp.up_proj")}
+    norms = [
+        (f"layers.{i}.{n}.weight", [f"layers.{i}.{r}.weight" for r in rs])
+        for i in range(cfg.num_layers)
+        for n, rs in readers.items()
+    ]
+    if "lm_head.weight" in sd:
+        norms.append(("norm.weight", ["lm_head.weight"]))
+    for norm, names in norms:
+        for name in names:
+            if name in sd:  # gate_proj only in SwiGLU
+                out[name] = sd[name] * sd[norm]
+        out[norm] = torch.ones_like(sd[norm])
+    return out
+
+
 def apply_hidden_map(sd: Mapping[str, Tensor], e: Tensor) -> dict[str, Tensor]:
     """Every tensor touching the residual stream through x' = E^T x; e (C, C') with orthonormal columns."""
     C, C2 = e.shape
-    e = e.float()
+    e = e.to(next(iter(sd.values())).dtype)  # float32 in fuse(); float64 in tests
     gain = math.sqrt(C / C2)
     # BERT's pooler reads the stream and writes a C-wide feature through tanh, which the classifier reads: that
     # feature's channels are averaged within each group (tanh keeps averages of equal values, not sums).
@@ -402,45 +450,46 @@ def fuse_layers(
     calib = calibrate(model, fit_ids)
     groups = layer_groups(calib, cfg.num_layers, target)
     influence = [calib.block_influence(i) for i in range(cfg.num_layers)]
-    judge = _Judge(cfg, sd, model, judge_ids)
+    judge = Judge(model, judge_ids)
+
+    def score(group: list[int], block: dict[str, Tensor]) -> float:  # the model with only `group` replaced
+        keep = [i for i in range(cfg.num_layers) if i not in group[1:]]
+        state = select_layers({**sd, **{f"layers.{group[0]}.{k}": v for k, v in block.items()}}, keep)
+        return judge.distance(_build(cfg.replace(num_layers=len(keep)), state))
+
     out = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     for new, group in enumerate(groups):
         if len(group) == 1:
             block = _layer(sd, group[0])
         else:
-            block = min(_merge_candidates(cfg, model, sd, group, influence, calib, ridge), key=judge.partial(group))
+            candidates = _merge_candidates(cfg, model, sd, group, influence, calib, ridge)
+            block = min(candidates, key=lambda b, g=group: score(g, b))
         out.update({f"layers.{new}.{k}": v for k, v in block.items()})
     return out, groups
 
 
-class _Judge:
-    """Scores a candidate block for a group by the KL divergence, on a few calibration sequences, between the
-    unfused model's output distributions (next-token, or class for a classifier) and those of the model with only
-    that group replaced by it; a headless encoder by the relative squared error of its hidden states. (The
-    residual stream's L2 error is a poor proxy for an LM: a few massive channels dominate it, and the LM head
-    barely reads them.)"""
+class Judge:
+    """How far a candidate model is from the reference: the KL divergence, on a few calibration sequences, from
+    the reference's output distributions (next-token, or class for a classifier); for a headless encoder the
+    relative squared error of its hidden states. (The residual stream's L2 error is a poor proxy for an LM: a few
+    massive channels dominate it, and the LM head barely reads them.)"""
 
-    def __init__(self, cfg: ModelConfig, sd: dict[str, Tensor], model: Transformer, calib_ids: Tensor):
-        self.cfg, self.sd = cfg, sd
-        self.ids = calib_ids[:4]  # (b, T): enough to rank candidates, cheap to store
-        with torch.no_grad():
-            self.ref = self._out(model)  # (b, T, V) log-probs, (b, labels) log-probs, or (b, T, C) states
-
-    def partial(self, group: list[int]) -> Callable[[dict[str, Tensor]], float]:
-        return lambda block: self.score(group, block)
+    def __init__(self, reference: Transformer, ids: Tensor):
+        self.head = reference.config.head
+        self.ids = ids[:4]  # (b, T): enough to rank candidates, cheap to store
+        self.ref = self._out(reference)  # (b, T, V) log-probs, (b, labels) log-probs, or (b, T, C) states
 
     @torch.no_grad()
-    def score(self, group: list[int], block: dict[str, Tensor]) -> float:
-        keep = [i for i in range(self.cfg.num_layers) if i not in group[1:]]
-        sd = select_layers({**self.sd, **{f"layers.{group[0]}.{k}": v for k, v in block.items()}}, keep)
-        out = self._out(_build(self.cfg.replace(num_layers=len(keep)), sd))
-        if self.cfg.head == "none":
+    def distance(self, model: Transformer) -> float:
+        out = self._out(model)
+        if self.head == "none":
             return ((out - self.ref).pow(2).sum() / self.ref.pow(2).sum()).item()
         return (self.ref.exp() * (self.ref - out)).sum(-1).mean().item()
 
+    @torch.no_grad()
     def _out(self, model: Transformer) -> Tensor:
-        out = model(self.ids).float()
-        return out if self.cfg.head == "none" else F.log_softmax(out, dim=-1)
+        out = model.eval()(self.ids).float()
+        return out if self.head == "none" else F.log_softmax(out, dim=-1)
 
 
 def _layer(sd: Mapping[str, Tensor], i: int) -> dict[str, Tensor]:
