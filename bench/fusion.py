@@ -2,14 +2,17 @@
 
     python bench/fusion.py TEACHER --data DIR --out DIR [--hidden N --ffn N --heads N --kv-heads N --layers N]
                            [--recipe recipes/fuse-recover-cpu.yaml] [--steps N] [--methods fuse,prune,drop,random]
-                           [--calib-seqs N] [--one-shot-only] [--reuse-students] [--set section.key=value ...]
+                           [--calib-seqs N] [--one-shot-only] [--reuse-students] [--keep M,...]
+                           [--set section.key=value ...]
 
 For every method, `lmforge fuse TEACHER --method M` makes the student (one-shot validation perplexity on the
 data's validation split), then `lmforge distill RECIPE` trains it against the teacher for the same number of
 steps (same data order, same optimizer). Every student's validation perplexity is read from its metrics.jsonl
 at every evaluation (step 0 = before any training), plotted against training tokens beside the teacher's, and
 tabulated in OUT/report.md. Commands run as subprocesses of this Python, one at a time, so the timings and the
-machine's load belong to one run. The last line printed is one JSON object.
+machine's load belong to one run. The last line printed is one JSON object. `--keep prune,drop,random` reuses
+those methods' students and recovery runs from an earlier run in OUT (with the same arguments), so that a
+change to one method is measured again without repeating the others.
 """
 
 from __future__ import annotations
@@ -65,17 +68,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "fuse-recover-cpu.yaml"))
     p.add_argument("--steps", type=int, help="recovery steps (default: the recipe's)")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--calib-seqs", type=int, default=16)
+    p.add_argument("--calib-seqs", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256, help="calibration and one-shot evaluation length")
     p.add_argument("--eval-batches", type=int, default=8, help="one-shot evaluation batches of 8 sequences")
     p.add_argument("--one-shot-only", action="store_true", help="fuse and evaluate, no recovery training")
     p.add_argument(
         "--reuse-students", action="store_true", help="keep students (and one-shot results) an earlier run left in OUT"
     )
+    p.add_argument("--keep", default="", help="methods whose students and recovery runs in OUT are reused")
     p.add_argument("--set", action="append", default=[], help="extra recipe override section.key=value")
     a = p.parse_args(argv)
     methods = a.methods.split(",")
-    unknown = set(methods) - set(METHODS)
+    keep = set(filter(None, a.keep.split(",")))
+    unknown = (set(methods) | keep) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}")
     out = Path(a.out)
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     for m in methods:
         t0 = time.perf_counter()
         log = out / "logs" / f"fuse-{m}.log"
-        if a.reuse_students and (out / "students" / m / "config.json").is_file() and log.is_file():
+        if (a.reuse_students or m in keep) and (out / "students" / m / "config.json").is_file() and log.is_file():
             one_shot[m] = json.loads(log.read_text().strip().splitlines()[-1])
             continue
         one_shot[m] = lmforge(
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         for m in methods:
             t0 = time.perf_counter()
             run_dir = out / "recover" / m
+            if m in keep and (run_dir / "metrics.jsonl").is_file():
+                runs[m] = read_metrics(run_dir)
+                continue
             overrides = [
                 f"--train.init_from={out / 'students' / m}",
                 f"--distill.teacher={a.teacher}",

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     add_size_flags(p)
     p.add_argument("--method", choices=METHODS, default="fuse", help="fuse (default) or a baseline")
     p.add_argument("--data", required=True, help="token dataset built with SRC's tokenizer (`lmforge data`)")
-    p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences from the train split (16)")
+    p.add_argument("--calib-seqs", type=int, default=32, help="calibration sequences from the train split (32)")
     p.add_argument("--seq-len", type=int, default=256, help="calibration and evaluation sequence length (256)")
     p.add_argument("--eval-batches", type=int, default=4, help="validation batches of 8 sequences (4; 0 = none)")
     p.add_argument(

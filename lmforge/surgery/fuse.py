@@ -327,21 +327,45 @@ def fuse_hidden(
     - "groups": channels merged in groups (cluster), each norm's gain averaged over a group's channels;
     - "groups-folded" (RMSNorm, pre-norm): the same, with the block norms' gains first moved into their readers,
       so a group's readers keep each member's own gain;
-    - "pca" (RMSNorm, pre-norm): the top principal directions of what the readers see (SliceGPT's projection,
-      one for the whole stream), gains folded the same way: the best rank-C' linear reading of the stream.
+    - "pca" (RMSNorm, pre-norm): gains folded the same way, then the top principal directions of the normalised
+      stream x / rms(x) (SliceGPT's projection, one for the whole stream): the rank-C' map that keeps most of
+      what the norms see, and so also their statistics; "pca-gained": of the norms' outputs, gains included.
     Returns the chosen map's state and every candidate's distance from the source, the chosen one's first."""
     C, C2 = cfg.hidden_size, mid.hidden_size
     groups = _map_matrix(cluster(calib.stream_gram, C2, signed=True), C)
-    candidates = {"groups": apply_hidden_map(sd, groups)}
+    maps, candidates = {"groups": groups}, {"groups": apply_hidden_map(sd, groups)}
     if cfg.norm == "rmsnorm" and cfg.norm_position == "pre":
         folded = fold_norm_gains(cfg, sd)
-        _, vecs = torch.linalg.eigh(calib.stream_gram)  # ascending
-        candidates["groups-folded"] = apply_hidden_map(folded, groups)
-        candidates["pca"] = apply_hidden_map(folded, vecs[:, -C2:].flip(1))
+        maps["groups-folded"], candidates["groups-folded"] = groups, apply_hidden_map(folded, groups)
+        for name, gram in (("pca", calib.unit_gram), ("pca-gained", calib.stream_gram)):
+            _, vecs = torch.linalg.eigh(gram)  # ascending
+            maps[name] = vecs[:, -C2:].flip(1)
+            candidates[name] = apply_hidden_map(folded, maps[name])
+    if cfg.tie_embeddings and cfg.norm == "rmsnorm" and cfg.head == "lm":
+        for name, e in maps.items():
+            candidates[name]["norm.weight"] = _tied_final_gain(sd, e, calib.final_unit_gram, C2)
     names = expected_shapes(mid)
     score = {name: judge.distance(_build(mid, {k: c[k] for k in names})) for name, c in candidates.items()}
     ranked = dict(sorted(score.items(), key=lambda kv: kv[1]))
     return candidates[next(iter(ranked))], ranked
+
+
+def _tied_final_gain(sd: Mapping[str, Tensor], e: Tensor, unit_gram: Tensor, c2: int) -> Tensor:
+    """The final RMSNorm's gain (C',) after the hidden map e (C, C') when the LM head is tied to the embeddings
+    (so the gain cannot move into the head): the g minimising, over the calibration tokens' normalised final
+    streams u, the logit error ||emb (e (g * e^T u) - g_f * u)||^2, a C'-unknown least-squares problem
+    ((e^T M e) o (e^T S e)) g = diag(e^T M diag(g_f) S e), with M = emb^T emb and S = sum u u^T; then scaled by
+    sqrt(C/C') like every fused norm gain. (The map's own average of the gain ignores which channels the logits
+    read.)"""
+    emb, g_f = sd["embed.tok.weight"].double(), sd["norm.weight"].double()  # (V, C), (C,)
+    e = e.double()
+    m = emb.T @ emb  # (C, C)
+    me = m @ e
+    a = (e.T @ me) * (e.T @ unit_gram @ e)  # (C', C') positive semi-definite (Schur product)
+    b = ((me * g_f[:, None]).T @ unit_gram @ e).diagonal()  # (C',): diag(e^T M diag(g_f) S e)
+    a.diagonal().add_(1e-9 * a.diagonal().mean())
+    gain = torch.linalg.solve(a, b) * math.sqrt(e.shape[0] / c2)
+    return gain.to(sd["norm.weight"].dtype)
 
 
 def fold_norm_gains(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:

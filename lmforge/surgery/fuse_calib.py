@@ -4,7 +4,8 @@ One forward pass with hooks records, in float32 on the CPU:
 - every block's attention input (B, T, C) and attention output, MLP input and MLP output (N = B * T rows);
 - the residual stream between blocks, x_0 .. x_L (block influence and layer fusion);
 - over every norm's output (what the residual's readers see): the Gram matrix (C, C) of the hidden channels
-  and their mean absolute value (Minitron's importance).
+  and their mean absolute value (Minitron's importance); for RMSNorm also the Gram matrix of the normalised
+  stream before the gain, x / rms(x) (what a norm with its gain folded into the readers outputs).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Calibration:
     mlp_out: list[Tensor]  # L of (N, C)
     stream_gram: Tensor  # (C, C) float64: sum over norm outputs of x x^T
     stream_abs: Tensor  # (C,) float64: mean |norm output| per channel
+    unit_gram: Tensor  # (C, C) float64: sum over RMSNorm inputs of u u^T, u = x / rms(x) (zero without RMSNorm)
+    final_unit_gram: Tensor  # (C, C) float64: the same at the final norm alone
 
     def block_influence(self, first: int = 0, last: int | None = None) -> float:
         """1 - mean cosine between the stream entering block `first` and leaving block `last` (ShortGPT's BI):
@@ -43,15 +46,23 @@ def calibrate(model: Transformer, ids: Tensor) -> Calibration:
     C = model.config.hidden_size
     attn_in, attn_out, mlp_in, mlp_out = [], [], [], []
     gram = torch.zeros(C, C, dtype=torch.float64)
+    unit = torch.zeros(C, C, dtype=torch.float64)
+    final_unit = torch.zeros(C, C, dtype=torch.float64)
     absum = torch.zeros(C, dtype=torch.float64)
     rows = 0
 
-    def on_norm(_m: nn.Module, _args, out: Tensor) -> None:
-        nonlocal gram, absum, rows
+    def on_norm(m: nn.Module, args, out: Tensor) -> None:
+        nonlocal gram, unit, final_unit, absum, rows
         x = out.reshape(-1, C).double()
         gram += x.T @ x
         absum += x.abs().sum(0)
         rows += x.shape[0]
+        if isinstance(m, RMSNorm):
+            u = args[0].reshape(-1, C).double()
+            u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + m.eps)
+            unit += u.T @ u
+            if m is model.norm:
+                final_unit += u.T @ u
 
     hooks = [m.register_forward_hook(on_norm) for m in model.modules() if isinstance(m, nn.LayerNorm | RMSNorm)]
     for block in model.layers:
@@ -73,6 +84,8 @@ def calibrate(model: Transformer, ids: Tensor) -> Calibration:
         mlp_out=mlp_out,
         stream_gram=gram,
         stream_abs=absum / max(rows, 1),
+        unit_gram=unit,
+        final_unit_gram=final_unit,
     )
 
 
