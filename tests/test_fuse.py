@@ -5,6 +5,7 @@ that runs, exports to HF and loads in transformers with the same logits; the CLI
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -214,6 +215,33 @@ def test_a_rotation_of_the_stream_with_folded_gains_keeps_the_function():
     rotated = apply_hidden_map(fold_norm_gains(cfg, state), q)
     # RMSNorm takes its statistics in float32 (as HF does), so a rotated stream agrees to float32 rounding.
     assert rel_err(build_model(cfg, rotated.items(), torch.float64)(IDS), model(IDS)) < 1e-6
+
+
+def test_tied_final_gain_fit():
+    """The final gain of a tied head after a hidden map: the source's own gain under the identity map, and in
+    general the minimiser of the logit error summed over the calibration tokens' normalised final streams u,
+    sum ||emb (e (g * e^T u) - g_f * u)||^2 (its gradient there, by autograd on the tokens themselves, is ~0)."""
+    from lmforge.surgery.fuse import _tied_final_gain
+    from lmforge.surgery.fuse_calib import calibrate
+
+    cfg = FAMILIES["llama"]
+    model, state = source(cfg)
+    state["norm.weight"] = torch.linspace(-1.0, 3.0, 32, dtype=torch.float64)  # a gain far from uniform
+    finals: list[torch.Tensor] = []
+    hook = model.norm.register_forward_pre_hook(lambda _m, args: finals.append(args[0]))
+    calib = calibrate(model.float(), IDS)
+    hook.remove()
+    gain = _tied_final_gain(state, torch.eye(32, dtype=torch.float64), calib.final_unit_gram, 32)
+    assert torch.allclose(gain, state["norm.weight"], rtol=1e-6)
+
+    x = finals[0].reshape(-1, 32).double()
+    u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)  # (N, C)
+    e = torch.linalg.eigh(calib.final_unit_gram)[1][:, -24:]  # (C, C')
+    g = (_tied_final_gain(state, e, calib.final_unit_gram, 24) / math.sqrt(32 / 24)).requires_grad_()
+    emb, g_f = state["embed.tok.weight"], state["norm.weight"]
+    loss = ((((u @ e) * g) @ e.T - g_f * u) @ emb.T).pow(2).sum()
+    loss.backward()
+    assert g.grad.norm() < 1e-8 * loss.item(), (g.grad.norm(), loss)
 
 
 def test_refit_ridge_is_chosen_on_held_out_rows():
