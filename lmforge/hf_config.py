@@ -13,6 +13,8 @@ from typing import Any
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 
+# GPT-2 and BERT have no head_dim field (hidden = heads x head_dim) and no grouped-query attention.
+FIXED_HEAD_DIM = ("gpt2", "bert")
 # Head models keep the base model under this attribute, so their tensor names carry it as a prefix.
 BASE_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "gpt2": "transformer.", "bert": "bert."}
 _CLASS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT2", "bert": "Bert"}
@@ -301,7 +303,7 @@ def check_exportable(cfg: ModelConfig) -> str:
             raise UserError(f"cannot export as {cfg.family}: {key}={getattr(cfg, key)!r} but it needs {want!r}")
     if cfg.family == "llama" and cfg.qkv_bias != cfg.out_bias:
         raise UserError("cannot export as llama: one attention_bias covers q, k, v and o (qkv_bias != out_bias)")
-    if cfg.family in ("gpt2", "bert") and cfg.n_kv_heads != cfg.num_heads:
+    if cfg.family in FIXED_HEAD_DIM and cfg.n_kv_heads != cfg.num_heads:
         raise UserError(f"cannot export as {cfg.family}: it has no grouped-query attention")
     if cfg.family == "bert" and cfg.head == "classifier" and not (cfg.pooler and cfg.classifier_bias):
         raise UserError("cannot export as bert: BertForSequenceClassification needs pooler and classifier_bias")

@@ -48,12 +48,12 @@ from torch import Tensor
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.hf import expected_shapes
+from lmforge.hf_config import FIXED_HEAD_DIM
 from lmforge.model import Attention, Transformer
 from lmforge.surgery.fuse_calib import Calibration, calibrate, head_outputs
 from lmforge.surgery.fuse_math import Group, cluster, correlation, equal_groups, match, refit
 
 METHODS = ("fuse", "prune")
-_FIXED_HEAD_DIM = ("gpt2", "bert")  # HF stores no head_dim for these: hidden = heads * head_dim
 READERS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITERS = ("attn.o_proj", "mlp.down_proj")
 Progress = Callable[[str], None]
@@ -92,7 +92,7 @@ def target_config(
         raise UserError(f"--heads {heads} is not a multiple of --kv-heads {kv_heads}")
     if cfg.n_kv_heads % kv_heads:
         raise UserError(f"--kv-heads {kv_heads} must divide the source's {cfg.n_kv_heads} KV heads")
-    if cfg.family in _FIXED_HEAD_DIM and hidden != heads * D:
+    if cfg.family in FIXED_HEAD_DIM and hidden != heads * D:
         raise UserError(f"{cfg.family} needs hidden = heads x head_dim ({heads} x {D} = {heads * D}), got {hidden}")
     head_dim = None if cfg.head_dim is None and hidden == heads * D else D
     return cfg.replace(

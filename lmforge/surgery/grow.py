@@ -60,6 +60,7 @@ from torch import Tensor
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.hf import expected_shapes
+from lmforge.hf_config import FIXED_HEAD_DIM
 from lmforge.model import Transformer, lm_loss
 from lmforge.surgery.grow_depth import DEPTHS, ZEROED, PostNormPlan, layout, post_norm_plan
 from lmforge.surgery.grow_width import (
@@ -76,8 +77,6 @@ from lmforge.surgery.grow_width import (
 
 MODES = ("clone", "zero")
 NOISES = ("cancel", "plain")
-# Family constraints HF puts on the shape: GPT-2 and BERT have no head_dim field and no GQA.
-_FIXED_HEAD_DIM = ("gpt2", "bert")
 
 
 # ---- the target config ---------------------------------------------------------------------------------------------
@@ -120,7 +119,7 @@ def target_config(
             raise UserError(f"target {name} {new} is smaller than the source's {old}: growth only adds")
     if heads % kv_heads:
         raise UserError(f"target heads {heads} is not a multiple of target KV heads {kv_heads}")
-    if cfg.family in _FIXED_HEAD_DIM and (heads * hd != d_t or kv_heads != heads):
+    if cfg.family in FIXED_HEAD_DIM and (heads * hd != d_t or kv_heads != heads):
         raise UserError(
             f"{cfg.family} needs hidden = heads x head_dim ({hd}) and no KV grouping: hidden {d_t}, "
             f"heads {heads}, KV heads {kv_heads} do not fit (head_dim never changes)"
