@@ -231,13 +231,14 @@ def test_tied_final_gain_fit():
     hook = model.norm.register_forward_pre_hook(lambda _m, args: finals.append(args[0]))
     calib = calibrate(model.float(), IDS)
     hook.remove()
-    gain = _tied_final_gain(state, torch.eye(32, dtype=torch.float64), calib.final_unit_gram, 32)
+    metric = state["embed.tok.weight"].T @ state["embed.tok.weight"]  # (C, C)
+    gain = _tied_final_gain(metric, state["norm.weight"], torch.eye(32, dtype=torch.float64), calib.final_unit_gram)
     assert torch.allclose(gain, state["norm.weight"], rtol=1e-6)
 
     x = finals[0].reshape(-1, 32).double()
     u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)  # (N, C)
     e = torch.linalg.eigh(calib.final_unit_gram)[1][:, -24:]  # (C, C')
-    g = (_tied_final_gain(state, e, calib.final_unit_gram, 24) / math.sqrt(32 / 24)).requires_grad_()
+    g = (_tied_final_gain(metric, state["norm.weight"], e, calib.final_unit_gram) / math.sqrt(32 / 24)).requires_grad_()
     emb, g_f = state["embed.tok.weight"], state["norm.weight"]
     loss = ((((u @ e) * g) @ e.T - g_f * u) @ emb.T).pow(2).sum()
     loss.backward()

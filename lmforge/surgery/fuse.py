@@ -342,30 +342,30 @@ def fuse_hidden(
             maps[name] = vecs[:, -C2:].flip(1)
             candidates[name] = apply_hidden_map(folded, maps[name])
     if cfg.tie_embeddings and cfg.norm == "rmsnorm" and cfg.head == "lm":
+        emb = sd["embed.tok.weight"].double()  # (V, C)
+        metric = emb.T @ emb  # (C, C): how the tied head's logits weigh the final stream, once for every map
         for name, e in maps.items():
-            candidates[name]["norm.weight"] = _tied_final_gain(sd, e, calib.final_unit_gram, C2)
+            candidates[name]["norm.weight"] = _tied_final_gain(metric, sd["norm.weight"], e, calib.final_unit_gram)
     names = expected_shapes(mid)
     score = {name: judge.distance(_build(mid, {k: c[k] for k in names})) for name, c in candidates.items()}
     ranked = dict(sorted(score.items(), key=lambda kv: kv[1]))
     return candidates[next(iter(ranked))], ranked
 
 
-def _tied_final_gain(sd: Mapping[str, Tensor], e: Tensor, unit_gram: Tensor, c2: int) -> Tensor:
+def _tied_final_gain(m: Tensor, final_gain: Tensor, e: Tensor, unit_gram: Tensor) -> Tensor:
     """The final RMSNorm's gain (C',) after the hidden map e (C, C') when the LM head is tied to the embeddings
     (so the gain cannot move into the head): the g minimising, over the calibration tokens' normalised final
     streams u, the logit error ||emb (e (g * e^T u) - g_f * u)||^2, a C'-unknown least-squares problem
-    ((e^T M e) o (e^T S e)) g = diag(e^T M diag(g_f) S e), with M = emb^T emb and S = sum u u^T; then scaled by
-    sqrt(C/C') like every fused norm gain. (The map's own average of the gain ignores which channels the logits
-    read.)"""
-    emb, g_f = sd["embed.tok.weight"].double(), sd["norm.weight"].double()  # (V, C), (C,)
-    e = e.double()
-    m = emb.T @ emb  # (C, C)
+    ((e^T M e) o (e^T S e)) g = diag(e^T M diag(g_f) S e), with m = M = emb^T emb (C, C), final_gain = g_f (C,)
+    and unit_gram = S = sum u u^T; then scaled by sqrt(C/C') like every fused norm gain. (The map's own average
+    of the gain ignores which channels the logits read.)"""
+    g_f, e = final_gain.double(), e.double()
     me = m @ e
     a = (e.T @ me) * (e.T @ unit_gram @ e)  # (C', C') positive semi-definite (Schur product)
     b = ((me * g_f[:, None]).T @ unit_gram @ e).diagonal()  # (C',): diag(e^T M diag(g_f) S e)
     a.diagonal().add_(1e-9 * a.diagonal().mean())
-    gain = torch.linalg.solve(a, b) * math.sqrt(e.shape[0] / c2)
-    return gain.to(sd["norm.weight"].dtype)
+    gain = torch.linalg.solve(a, b) * math.sqrt(e.shape[0] / e.shape[1])
+    return gain.to(final_gain.dtype)
 
 
 def fold_norm_gains(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
