@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import pytest
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.data import build_dataset
 from lmforge.hf import save_hf
 from lmforge.model import Transformer
 
@@ -29,4 +33,21 @@ def tiny_hf_dir(tmp_path):
     model.init_weights()
     out = tmp_path / "tiny-hf"
     save_hf(TINY_LLAMA, model.state_dict(), out)
+    return out
+
+
+WORDS = ["the", "a", "king", "queen", "said", "and", "of", "to", "in", "his", "her", "land", "sea", "ship"]
+WORDS += ["war", "peace", "night", "day", "old", "new", "man", "woman"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small corpus of random sentences, tokenized with a 300-token BPE."""
+    src = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for d in range(24):
+        text = "\n".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 15))) + "." for _ in range(40))
+        (src / f"doc{d:02d}.txt").write_text(text)
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    build_dataset(out, starter=False, inputs=[str(src)], tokenizer="bpe:300", val_fraction=0.1, seed=0)
     return out

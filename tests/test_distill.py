@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,11 @@ import yaml
 
 from lmforge import distill as distill_mod
 from lmforge.cli import main
-from lmforge.data import build_dataset
 from lmforge.distill import DistillTrainer, kl_from_log_probs, load_distill_recipe, tempered_kl
 from lmforge.errors import UserError
 from lmforge.model import lm_loss
 from lmforge.recipe import load_recipe
 from lmforge.train import Trainer
-
-WORDS = ["the", "a", "king", "queen", "said", "and", "of", "to", "in", "his", "her", "land", "sea", "ship"]
-WORDS += ["war", "peace", "night", "day", "old", "new", "man", "woman"]
 
 TEACHER = {
     "vocab_size": 320,
@@ -39,19 +34,6 @@ TEACHER = {
 }
 # The student: the teacher's width with half its layers (a layer-fused shape), from random init.
 STUDENT = {**TEACHER, "num_layers": 1}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A small corpus of random sentences, tokenized with a 300-token BPE."""
-    src = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for d in range(24):
-        text = "\n".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 15))) + "." for _ in range(40))
-        (src / f"doc{d:02d}.txt").write_text(text)
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    build_dataset(out, starter=False, inputs=[str(src)], tokenizer="bpe:300", val_fraction=0.1, seed=0)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,47 +12,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.data import build_dataset
 from lmforge.recipe import load_recipe
 from lmforge.train import Trainer, lr_factor
-
-WORDS = [
-    "the",
-    "a",
-    "king",
-    "queen",
-    "said",
-    "and",
-    "of",
-    "to",
-    "in",
-    "his",
-    "her",
-    "land",
-    "sea",
-    "ship",
-    "war",
-    "peace",
-    "night",
-    "day",
-    "old",
-    "new",
-    "man",
-    "woman",
-]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A small corpus of random sentences, tokenized with a 300-token BPE."""
-    src = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for d in range(24):
-        text = "\n".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 15))) + "." for _ in range(40))
-        (src / f"doc{d:02d}.txt").write_text(text)
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    build_dataset(out, starter=False, inputs=[str(src)], tokenizer="bpe:300", val_fraction=0.1, seed=0)
-    return out
 
 
 def recipe_file(tmp_path: Path, data: Path, **train) -> Path:
