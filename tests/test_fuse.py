@@ -18,6 +18,7 @@ from lmforge.model import Transformer
 from lmforge.surgery.fuse import apply_hidden_map, count_params, drop_layers, fold_norm_gains, fuse, target_config
 from lmforge.surgery.fuse_math import cluster, refit
 from lmforge.surgery.grow import grow
+from tests.families import BERT_ARCH, GPT2_ARCH
 
 V = 64
 FAMILIES = {
@@ -25,47 +26,19 @@ FAMILIES = {
         vocab_size=V, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_size=48, tie_embeddings=True
     ),
     "gpt2": ModelConfig(
-        family="gpt2",
-        vocab_size=V,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=4,
-        ffn_size=48,
-        max_seq_len=64,
-        norm="layernorm",
-        position="learned",
-        mlp="gelu",
-        activation="gelu_tanh",
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-        tie_embeddings=True,
+        **GPT2_ARCH, vocab_size=V, hidden_size=32, num_layers=3, num_heads=4, ffn_size=48, max_seq_len=64
     ),
     "bert": ModelConfig(
-        family="bert",
+        **{**BERT_ARCH, "head": "classifier"},
         vocab_size=V,
         hidden_size=32,
         num_layers=3,
         num_heads=4,
         ffn_size=48,
         max_seq_len=64,
-        norm="layernorm",
-        norm_position="post",
-        position="learned",
-        mlp="gelu",
-        activation="gelu",
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-        causal=False,
-        type_vocab_size=2,
-        embed_norm=True,
-        final_norm=False,
-        head="classifier",
         num_labels=3,
         classifier_bias=True,
         pooler=True,
-        norm_eps=1e-12,
     ),
 }
 IDS = torch.randint(0, V, (4, 32), generator=torch.Generator().manual_seed(2))

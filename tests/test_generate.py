@@ -11,6 +11,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.generate import generate, sample_next
 from lmforge.model import Transformer
+from tests.families import GPT2_ARCH
 
 TINY_GQA = ModelConfig(
     family="llama",
@@ -23,21 +24,7 @@ TINY_GQA = ModelConfig(
     max_seq_len=64,
 )
 TINY_GPT2 = ModelConfig(
-    family="gpt2",
-    vocab_size=96,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    ffn_size=128,
-    max_seq_len=40,
-    norm="layernorm",
-    position="learned",
-    mlp="gelu",
-    activation="gelu_tanh",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    tie_embeddings=True,
+    **GPT2_ARCH, vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, ffn_size=128, max_seq_len=40
 )
 TINY_WINDOW = TINY_GQA.replace(family="mistral", sliding_window=5)
 

@@ -18,6 +18,7 @@ from lmforge.model import Transformer
 from lmforge.surgery.grow import check, exactness, grow, target_config
 from lmforge.surgery.grow_depth import layout
 from lmforge.surgery.grow_width import head_axes
+from tests.families import BERT_ARCH, GPT2_ARCH
 
 V = 97
 LLAMA = ModelConfig(
@@ -33,46 +34,8 @@ LLAMA = ModelConfig(
     qkv_bias=True,
     tie_embeddings=True,
 )
-GPT2 = ModelConfig(
-    family="gpt2",
-    vocab_size=V,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    ffn_size=64,
-    max_seq_len=64,
-    norm="layernorm",
-    position="learned",
-    mlp="gelu",
-    activation="gelu_tanh",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    tie_embeddings=True,
-)
-BERT = ModelConfig(
-    family="bert",
-    vocab_size=V,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    ffn_size=64,
-    max_seq_len=64,
-    norm="layernorm",
-    norm_eps=1e-12,
-    norm_position="post",
-    position="learned",
-    mlp="gelu",
-    activation="gelu",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    causal=False,
-    type_vocab_size=2,
-    embed_norm=True,
-    final_norm=False,
-    head="none",
-)
+GPT2 = ModelConfig(**GPT2_ARCH, vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_seq_len=64)
+BERT = ModelConfig(**BERT_ARCH, vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_seq_len=64)
 FAMILIES = {
     "llama_gqa_tied": LLAMA,
     "qwen2_gqa_untied": LLAMA.replace(family="qwen2", tie_embeddings=False),

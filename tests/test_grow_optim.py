@@ -28,16 +28,13 @@ from lmforge.surgery.grow_optim import (
     load_optimizer_state,
     read_optimizer_state,
 )
+from tests.families import GPT2_ARCH
 
 LLAMA = ModelConfig(
     family="llama", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, ffn_size=40,
     max_seq_len=32,
 )  # fmt: skip
-GPT2 = ModelConfig(
-    family="gpt2", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, ffn_size=64, max_seq_len=32,
-    norm="layernorm", position="learned", mlp="gelu", activation="gelu_tanh", qkv_bias=True, out_bias=True,
-    mlp_bias=True, tie_embeddings=True,
-)  # fmt: skip
+GPT2 = ModelConfig(**GPT2_ARCH, vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, ffn_size=64, max_seq_len=32)
 CASES = {
     "llama-gqa-2x-width-depth": (LLAMA, dict(hidden=32, layers=3)),
     "llama-tied-ffn-2.5x-top": (LLAMA.replace(tie_embeddings=True), dict(hidden=32, ffn=100, layers=4, depth="top")),

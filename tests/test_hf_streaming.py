@@ -17,19 +17,10 @@ from lmforge.config import ModelConfig
 from lmforge.errors import UserError
 from lmforge.hf import HEADER_BYTES, ShardWriter, expected_shapes, header_bound, save_hf, stream_tensors
 from lmforge.model import Transformer
+from tests.families import GPT2_ARCH
 
 LLAMA = ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4, ffn_size=24, max_seq_len=32)
-GPT2 = LLAMA.replace(
-    family="gpt2",
-    norm="layernorm",
-    position="learned",
-    mlp="gelu",
-    activation="gelu_tanh",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    tie_embeddings=True,
-)
+GPT2 = LLAMA.replace(**GPT2_ARCH)
 BERT = GPT2.replace(
     family="bert",
     norm_position="post",

@@ -19,47 +19,19 @@ from lmforge.metrics import (
     peak_flops,
 )
 from lmforge.model import Transformer
+from tests.families import BERT_ARCH, GPT2_ARCH
 
 LLAMA_GQA = ModelConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=128)
 LLAMA_TIED = LLAMA_GQA.replace(tie_embeddings=True, num_kv_heads=None, head_dim=8)
 QWEN_CLS = LLAMA_GQA.replace(family="qwen2", qkv_bias=True, head="classifier", num_labels=3, pad_token_id=0)
-GPT2 = ModelConfig(
-    family="gpt2",
-    vocab_size=100,
-    hidden_size=48,
-    num_layers=2,
-    num_heads=4,
-    ffn_size=192,
-    norm="layernorm",
-    position="learned",
-    mlp="gelu",
-    activation="gelu_tanh",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    tie_embeddings=True,
-    max_seq_len=64,
-)
+GPT2 = ModelConfig(**GPT2_ARCH, vocab_size=100, hidden_size=48, num_layers=2, num_heads=4, ffn_size=192, max_seq_len=64)
 BERT = ModelConfig(
-    family="bert",
+    **{**BERT_ARCH, "head": "classifier"},
     vocab_size=100,
     hidden_size=48,
     num_layers=2,
     num_heads=4,
     ffn_size=80,
-    norm="layernorm",
-    norm_position="post",
-    position="learned",
-    mlp="gelu",
-    activation="gelu",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    causal=False,
-    type_vocab_size=2,
-    embed_norm=True,
-    final_norm=False,
-    head="classifier",
     num_labels=2,
     pooler=True,
     classifier_bias=True,

@@ -4,31 +4,10 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
+from tests.families import BERT_ARCH
 
 LLAMA = ModelConfig(vocab_size=97, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_size=80)
-BERT = ModelConfig(
-    family="bert",
-    vocab_size=97,
-    hidden_size=48,
-    num_layers=2,
-    num_heads=4,
-    ffn_size=80,
-    norm="layernorm",
-    norm_eps=1e-12,
-    norm_position="post",
-    position="learned",
-    mlp="gelu",
-    activation="gelu",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    causal=False,
-    type_vocab_size=2,
-    embed_norm=True,
-    final_norm=False,
-    head="none",
-    max_seq_len=64,
-)
+BERT = ModelConfig(**BERT_ARCH, vocab_size=97, hidden_size=48, num_layers=2, num_heads=4, ffn_size=80, max_seq_len=64)
 
 
 def model(cfg):
