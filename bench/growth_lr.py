@@ -1,13 +1,14 @@
 """Which learning rate does a grown model take? The grown run of a finished growth experiment, again at other rates.
 
     python bench/growth_lr.py EXP --lr 5e-4 [--warmup 20] [--schedule cosine|constant] [--steps N] [--stop N]
-                              [--eval-every N] [--start grown|source] [--no-moments] [--out DIR]
+                              [--eval-every N] [--start grown|source] [--init DIR] [--no-moments] [--out DIR]
 
 EXP is an `lmforge demo` folder (e.g. runs/growth-cpu). The run takes EXP/grown/config.yaml (the grown run's recipe:
 same data order, batch and steps) and changes only the optimizer's lr, warm-up and schedule:
 
 - `--start grown` (default): from EXP/grown-init, with the source's AdamW moments grown through the same map (as the
-  experiment's growth.optimizer_state does; `--no-moments`: fresh moments);
+  experiment's growth.optimizer_state does; `--no-moments`: fresh moments; `--init DIR`: another grown model of the
+  same shape instead, e.g. one `lmforge grow` made without noise);
 - `--start source`, the control: the source itself, not grown, continued from EXP/source's final weights and
   moments. If the source alone loses as much as the grown model at the same lr (scaled by the width ratio, as
   AdamW's updates to cloned readers are), the loss is the rewarming of a trained model, not the growth.
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--stop", type=int, default=0, help="end after this many steps (0: at --steps)")
     ap.add_argument("--eval-every", type=int, default=None, help="default: the grown run's")
     ap.add_argument("--start", choices=("grown", "source"), default="grown")
+    ap.add_argument("--init", type=Path, default=None, help="start from this model instead (--start grown)")
     ap.add_argument("--no-moments", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -84,7 +86,7 @@ def main() -> None:
             steps=a.steps or base.train.steps,
             eval_every=a.eval_every or base.train.eval_every,
             out_dir=str(out),
-            init_from=str(exp / ("grown-init" if a.start == "grown" else "source/final")),
+            init_from=str(a.init or exp / ("grown-init" if a.start == "grown" else "source/final")),
             sample_prompts=(),
         ),
     )
