@@ -4,17 +4,18 @@
     target (large) from scratch, same recipe, same data order --train N steps------+--> FLOPs to the scratch
                                                                                         run's final val loss
 
-Both target runs train the same architecture for the same steps, batch, sequence length, data order (train.seed) and
-peak learning rate (optim.lr); they differ only in the starting point and in `growth.grown_optim` (by default only
-the warm-up: the grown model is already trained, so it takes a short one) and, with growth.optimizer_state, the
-grown run's AdamW moments carried from the source. The source trains with `growth.source_optim` on another data
-order (train.seed + 1), so the grown run does not replay it. FLOPs are training FLOPs (6N per token plus attention,
-lmforge.metrics); validation passes are not counted. "FLOPs to target" interpolates the validation curve linearly
-against cumulative FLOPs at the first evaluation at or below the scratch run's final validation loss. The saving is
-reported without and with the source's own training FLOPs; a grown run that never gets there has no saving (null),
-not a guess.
+Both target runs train the same architecture for the same steps, batch, sequence length and data order (train.seed)
+with the optim section's schedule; they differ only in the starting point, in `growth.grown_optim` (the optim keys
+the grown run changes: the grown model is already trained, so it takes a short warm-up, and once its source has
+trained to the end of its schedule a lower peak lr than a from-scratch run, bench/RESULTS.md) and, with
+growth.optimizer_state, the grown run's AdamW moments carried from the source. The source trains with
+`growth.source_optim` on another data order (train.seed + 1), so the grown run does not replay it. FLOPs are
+training FLOPs (6N per token plus attention, lmforge.metrics); validation passes are not counted. "FLOPs to target"
+interpolates the validation curve linearly against cumulative FLOPs at the first evaluation at or below the scratch
+run's final validation loss. The saving is reported without and with the source's own training FLOPs; a grown run
+that never gets there has no saving (null), not a guess.
 
-A recipe is lmforge's (model: the SOURCE, data, optim: both target runs', train: shared) plus a `growth:` section
+A recipe is lmforge's (model: the SOURCE, data, optim: the scratch run's, train: shared) plus a `growth:` section
 (GrowthConfig below; unknown keys are errors; source_optim and grown_optim hold only the optim keys that differ for
 those runs, checked as the optim section is). `lmforge demo` runs DEFAULT_RECIPE; recipes/growth-*.yaml are bigger
 versions (`lmforge demo --recipe recipes/growth-cpu.yaml`); --section.key=value overrides any key.
