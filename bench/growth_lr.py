@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmforge import dist  # noqa: E402
+from lmforge.errors import UserError  # noqa: E402
 from lmforge.recipe import load_recipe  # noqa: E402
 from lmforge.report import read_metrics  # noqa: E402
 from lmforge.surgery.grow_optim import grow_optimizer_state, load_optimizer_state, read_training_checkpoint  # noqa: E402
@@ -63,6 +64,8 @@ def main() -> None:
     a = ap.parse_args()
 
     exp = a.exp
+    if not all((exp / f).exists() for f in ("recipe.yaml", "grown/config.yaml", "grown-init", "source")):
+        raise UserError(f"{exp} is not the folder of a finished `lmforge demo`")
     section = yaml.safe_load((exp / "grown" / "config.yaml").read_text())
     section.pop("model")  # the model comes from train.init_from
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
@@ -103,4 +106,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
