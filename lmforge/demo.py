@@ -347,6 +347,12 @@ def _fmt_flops(x: float | None) -> str:
     return "never reached" if x is None else f"{x:.3e}"
 
 
+def _schedule_text(optim: dict) -> str:
+    """'lr 0.003, warm-up 100 steps, then cosine to 0.1 x lr' for an optim section as a dict."""
+    decay = "constant" if optim["schedule"] == "constant" else f"{optim['schedule']} to {optim['min_lr_ratio']:g} x lr"
+    return f"lr {optim['lr']:g}, warm-up {optim['warmup_steps']} steps, then {decay}"
+
+
 def _report(result, summaries, recipe, growth, cfg_s, cfg_t, plots) -> str:
     from lmforge.report import markdown_table
 
@@ -406,10 +412,8 @@ def _report(result, summaries, recipe, growth, cfg_s, cfg_t, plots) -> str:
         + f"; AdamW moments carried from the source: {'yes' if growth.optimizer_state else 'no (fresh AdamW)'}.",
         f"- Shared: {tc.steps} steps of {tc.batch_size} x {tc.seq_len} tokens for both target runs, the same data "
         f"order (seed {tc.seed}); the source trained {r['source_steps']} steps on another order (seed {tc.seed + 1}).",
-        f"- Scratch optimizer: lr {recipe.optim.lr:g}, warm-up {recipe.optim.warmup_steps} steps, "
-        f"{recipe.optim.schedule} to {recipe.optim.min_lr_ratio:g} x lr. Grown: lr {grown_optim['lr']:g}, "
-        f"warm-up {grown_optim['warmup_steps']} steps (it starts trained), same schedule otherwise. Source: lr "
-        f"{source_optim['lr']:g}, warm-up {source_optim['warmup_steps']} steps.",
+        f"- AdamW: scratch {_schedule_text(dataclasses.asdict(recipe.optim))}; grown {_schedule_text(grown_optim)} "
+        f"(it starts trained); source {_schedule_text(source_optim)}.",
         "- FLOPs: training only (6 x matmul parameters + attention, per token; lmforge.metrics.flops_per_token); "
         f"{r['flops_per_token']['source']:.3g} per token for the source, {r['flops_per_token']['target']:.3g} for "
         "the target. Validation passes are not counted. FLOPs to target: the first evaluation at or below the "

@@ -99,6 +99,7 @@ def test_demo_runs_the_growth_experiment(data_dir, tmp_path, capsys):
     assert grown_cfg["optim"]["lr"] == scratch_cfg["optim"]["lr"] == 3e-3
     assert (grown_cfg["optim"]["warmup_steps"], scratch_cfg["optim"]["warmup_steps"]) == (1, 2)
     assert source_cfg["optim"]["lr"] == 6e-3 and source_cfg["optim"]["warmup_steps"] == 2
+    assert "source lr 0.006, warm-up 2 steps, then cosine to 0.1 x lr" in (out / "report.md").read_text()
 
     # A second run into the same folder needs --overwrite.
     rc = main(["demo", "--recipe", str(tiny_recipe(tmp_path, data_dir)), "--out", str(out)])
