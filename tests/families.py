@@ -1,32 +1,15 @@
 """The architecture fields of each model family, for the tiny configs the tests build:
-ModelConfig(**GPT2_ARCH, vocab_size=..., hidden_size=..., ...). Sizes stay with each test; they differ on purpose."""
+ModelConfig(**GPT2_ARCH, vocab_size=..., hidden_size=..., ...). Sizes stay with each test; they differ on purpose.
+The family's fixed switches come from the HF importer's own table (lmforge.hf_config._SHAPE); only the choices a
+family leaves free are set here."""
 
-GPT2_ARCH = dict(
-    family="gpt2",
-    norm="layernorm",
-    position="learned",
-    mlp="gelu",
-    activation="gelu_tanh",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    tie_embeddings=True,
-)
+from lmforge.hf_config import _SHAPE
+
+
+def _fixed(family: str) -> dict:
+    return {"family": family, **{k: v for k, v in _SHAPE[family].items() if v != "any"}}
+
+
+GPT2_ARCH = {**_fixed("gpt2"), "activation": "gelu_tanh", "tie_embeddings": True}
 # A BERT encoder without its head; tests add head="classifier" (with num_labels, pooler, ...) where they need one.
-BERT_ARCH = dict(
-    family="bert",
-    norm="layernorm",
-    norm_eps=1e-12,
-    norm_position="post",
-    position="learned",
-    mlp="gelu",
-    activation="gelu",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    causal=False,
-    type_vocab_size=2,
-    embed_norm=True,
-    final_norm=False,
-    head="none",
-)
+BERT_ARCH = {**_fixed("bert"), "activation": "gelu", "norm_eps": 1e-12, "type_vocab_size": 2, "head": "none"}
