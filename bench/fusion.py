@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.report import markdown_table, read_metrics  # noqa: E402
+from lmforge.metrics.report import markdown_table, read_metrics  # noqa: E402
 
 METHODS = ("fuse", "prune", "drop", "random")
 LABELS = {

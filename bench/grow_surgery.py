@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-from lmforge.gguf import smollm2_gguf_path  # noqa: E402
-from lmforge.packages import cache_dir  # noqa: E402
+from lmforge.data.packages import cache_dir  # noqa: E402
+from lmforge.io.gguf import smollm2_gguf_path  # noqa: E402
 
 # (name, lmforge grow arguments): SmolLM2-135M is hidden 576, 30 layers.
 CASES = {

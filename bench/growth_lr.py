@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT))
 
 from lmforge import dist  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
-from lmforge.recipe import load_recipe  # noqa: E402
-from lmforge.report import read_metrics  # noqa: E402
+from lmforge.metrics.report import read_metrics  # noqa: E402
 from lmforge.surgery.grow_optim import grow_optimizer_state, load_optimizer_state, read_training_checkpoint  # noqa: E402
-from lmforge.train import Trainer  # noqa: E402
+from lmforge.train.loop import Trainer  # noqa: E402
+from lmforge.train.recipe import load_recipe  # noqa: E402
 
 
 class StopAt(Trainer):

@@ -14,14 +14,14 @@ from lmforge.errors import UserError
 
 # Modules that define a command; each has register(subparsers).
 COMMAND_MODULES = [
-    "lmforge.data",
-    "lmforge.convert",
-    "lmforge.generate",
-    "lmforge.train",
-    "lmforge.distill",
-    "lmforge.grow_cli",
-    "lmforge.fuse_cli",
-    "lmforge.demo",
+    "lmforge.commands.data",
+    "lmforge.commands.convert",
+    "lmforge.commands.generate",
+    "lmforge.commands.train",
+    "lmforge.commands.distill",
+    "lmforge.commands.grow",
+    "lmforge.commands.fuse",
+    "lmforge.commands.demo",
 ]
 
 
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         code = 130
-    from lmforge import dist
+    from lmforge.train import parallel
 
-    dist.exit_after_process_group(code)  # returns only in a process that never joined a process group
+    parallel.exit_after_process_group(code)  # returns only in a process that never joined a process group
     return code
 
 

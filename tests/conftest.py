@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
-from lmforge.data import build_dataset
-from lmforge.hf import save_hf
-from lmforge.model import Transformer
+from lmforge.data.tokens import build_dataset
+from lmforge.io.hf_tensors import save_hf
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 
 TINY_LLAMA = ModelConfig(
     family="llama",

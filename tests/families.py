@@ -3,7 +3,7 @@ ModelConfig(**GPT2_ARCH, vocab_size=..., hidden_size=..., ...). Sizes stay with 
 The family's fixed switches come from the HF importer's own table (lmforge.hf_config._SHAPE); only the choices a
 family leaves free are set here."""
 
-from lmforge.hf_config import _SHAPE
+from lmforge.model.shapes import _SHAPE
 
 
 def _fixed(family: str) -> dict:

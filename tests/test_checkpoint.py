@@ -8,12 +8,12 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from lmforge import checkpoint
-from lmforge.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.model import Transformer, lm_loss
-from lmforge.runinfo import git_info, write_run_info
+from lmforge.metrics.runinfo import git_info, write_run_info
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer, lm_loss
+from lmforge.train import checkpoint
+from lmforge.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 CFG = ModelConfig(
     vocab_size=61,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge import cli
-from lmforge.api import load
+from lmforge.io.checkpoints import load
 
 
 def _convert(capsys, *args) -> tuple[int, str, str]:

@@ -17,8 +17,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from lmforge import cli, corpus
-from lmforge.data import BatchSampler, TokenDataset, check_tokenizer_matches, read_manifest
+from lmforge import cli
+from lmforge.data import corpus
+from lmforge.data.tokens import BatchSampler, TokenDataset, check_tokenizer_matches, read_manifest
 from lmforge.errors import UserError
 
 WORDS = [
@@ -103,7 +104,7 @@ def corpus_dir(tmp_path):
 @pytest.fixture
 def run_data(monkeypatch):
     """`lmforge data ...` through the real CLI entry point (exit code, one-line errors)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.data"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lmforge.commands.data"])
     return lambda *argv: cli.main(["data", *map(str, argv)])
 
 
@@ -403,7 +404,7 @@ def test_fetch_package_checks_the_pin_and_reports_pip_failures(tmp_path, monkeyp
 def test_checkpoint_tokenizer_eos_comes_from_doc_end_tokens_or_its_configs(tmp_path):
     from tokenizers import AddedToken, models, pre_tokenizers
 
-    from lmforge import bpe
+    from lmforge.data import tokenizer_build as bpe
 
     def tokenizer_json(specials: list[str]) -> bytes:
         tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abc ")}, merges=[]))
@@ -442,7 +443,7 @@ def test_val_fraction_zero_has_no_val_split(run_data, corpus_dir, tmp_path):
 @pytest.mark.slow
 def test_gpt2_tokenizer_matches_tiktoken_and_its_tokenizer_json():
     pytest.importorskip("tiktoken")
-    from lmforge import bpe
+    from lmforge.data import tokenizer_build as bpe
 
     tok = bpe.gpt2_tokenizer()  # downloads the 0.8 MB whisper sdist once
     assert (tok.vocab_size, tok.eos_id, tok.kind) == (50257, 50256, "gpt2")

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from lmforge.cli import main
-from lmforge.demo import DEFAULT_RECIPE, analyse, flops_to_reach, load_growth_recipe
 from lmforge.errors import UserError
+from lmforge.experiments.growth import DEFAULT_RECIPE, analyse, flops_to_reach, load_growth_recipe
 from lmforge.surgery.grow import target_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ JSON_KEYS = (
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    from lmforge.data import build_dataset
+    from lmforge.data.tokens import build_dataset
 
     root = tmp_path_factory.mktemp("demo-data")
     words = ("the", "king", "said", "to", "the", "queen", "that", "the", "sea", "was", "wide", "and", "night", "old")
@@ -126,7 +126,7 @@ def test_analyse_counts_the_source_only_in_the_second_saving():
         "grown": {"flops": 100.0, "val_loss": 2.8, "val_loss_start": 3.2, "params": 2, "steps": 10, "seconds": 1},
         "scratch": {"flops": 400.0, "val_loss": 3.0, "val_loss_start": 6.0, "params": 2, "steps": 10, "seconds": 1},
     }
-    from lmforge.demo import GrowthConfig
+    from lmforge.experiments.growth import GrowthConfig
 
     r = analyse(rows, summaries, GrowthConfig())
     assert r["grown_flops_to_target"] == pytest.approx(50.0)  # 3.2 -> 2.8 crosses 3.0 half way

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from lmforge import distill as distill_mod
 from lmforge.cli import main
-from lmforge.distill import DistillTrainer, kl_from_log_probs, load_distill_recipe, tempered_kl
 from lmforge.errors import UserError
-from lmforge.model import lm_loss
-from lmforge.recipe import load_recipe
-from lmforge.train import Trainer
+from lmforge.model.transformer import lm_loss
+from lmforge.objectives import distill as distill_mod
+from lmforge.objectives.distill import DistillTrainer, kl_from_log_probs, load_distill_recipe, tempered_kl
+from lmforge.train.loop import Trainer
+from lmforge.train.recipe import load_recipe
 
 TEACHER = {
     "vocab_size": 320,

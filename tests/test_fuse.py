@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from lmforge.api import build_model, export_hf, load
 from lmforge.cli import main
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.model import Transformer
+from lmforge.io.checkpoints import build_model, export_hf, load
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 from lmforge.surgery.fuse import apply_hidden_map, count_params, drop_layers, fold_norm_gains, fuse, target_config
 from lmforge.surgery.fuse_math import cluster, refit
 from lmforge.surgery.grow import grow
@@ -263,7 +263,7 @@ def test_drop_layers_keeps_the_most_influential():
 @pytest.fixture(scope="module")
 def teacher_and_data(tmp_path_factory):
     """A tiny trained-looking checkpoint with a BPE tokenizer and a dataset built with that tokenizer."""
-    from lmforge.data import build_dataset
+    from lmforge.data.tokens import build_dataset
 
     root = tmp_path_factory.mktemp("fuse")
     docs = root / "docs"

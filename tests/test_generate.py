@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.generate import generate, sample_next
-from lmforge.model import Transformer
+from lmforge.model.config import ModelConfig
+from lmforge.model.generate import generate, sample_next
+from lmforge.model.transformer import Transformer
 from tests.families import GPT2_ARCH
 
 TINY_GQA = ModelConfig(
@@ -140,8 +140,8 @@ def tiny_tokenizer_files() -> dict[str, bytes]:
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    from lmforge.api import save
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.io.checkpoints import save
 
     files = tiny_tokenizer_files()
     vocab = Tokenizer.from_files(files).vocab_size
@@ -171,7 +171,7 @@ def test_cli_prints_a_continuation(tiny_model_dir, capsys):
 
 
 def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
-    from lmforge.api import save
+    from lmforge.io.checkpoints import save
 
     path, model, _ = tiny_model_dir
     save(model, tmp_path / "no-tok")

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.gguf import read_gguf, smollm2_gguf_path
-from lmforge.model import Transformer, lm_loss, rope_inv_freq
-from lmforge.tokenizer import Tokenizer
+from lmforge.io.gguf import read_gguf, smollm2_gguf_path
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer, lm_loss, rope_inv_freq
 
 gguf = pytest.importorskip("gguf")
 
@@ -386,8 +386,8 @@ def test_smollm2_matches_transformers(monkeypatch):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from lmforge.api import load
-    from lmforge.generate import generate
+    from lmforge.io.checkpoints import load
+    from lmforge.model.generate import generate
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = smollm2_gguf_path()
@@ -431,7 +431,7 @@ def test_smollm2_matches_transformers(monkeypatch):
 @pytest.mark.slow
 def test_packaged_name_reads_the_smollm2_gguf():
     """`pkg:smollm2-135m` is accepted wherever a checkpoint path is (convert, grow, fuse, distill's teacher)."""
-    from lmforge.api import read_checkpoint
+    from lmforge.io.checkpoints import read_checkpoint
 
     cfg, tensors, side = read_checkpoint("pkg:smollm2-135m")
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.n_kv_heads) == (576, 30, 9, 3)

@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.model import Transformer
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 from lmforge.surgery.grow import check, exactness, grow, target_config
 from lmforge.surgery.grow_depth import layout
 from lmforge.surgery.grow_width import head_axes
@@ -349,8 +349,8 @@ def test_bad_targets_are_user_errors():
 
 # ---- the command ----------------------------------------------------------------------------------------------------
 def _cli(argv):
-    from lmforge import grow_cli
     from lmforge.cli import _Parser
+    from lmforge.commands import grow as grow_cli
 
     parser = _Parser(prog="lmforge")
     grow_cli.register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
@@ -359,7 +359,7 @@ def _cli(argv):
 
 
 def test_cli_grows_an_hf_checkpoint_and_checks_it(tiny_hf_dir, tmp_path, capsys):
-    from lmforge.api import load
+    from lmforge.io.checkpoints import load
 
     out = tmp_path / "grown"
     assert (
@@ -384,7 +384,7 @@ def test_cli_grows_an_hf_checkpoint_and_checks_it(tiny_hf_dir, tmp_path, capsys)
 def test_cli_lmforge_format_and_hf_parity(tiny_hf_dir, tmp_path):
     """The grown model in lmforge form loads back; in HF form transformers gives lmforge's logits."""
     transformers = pytest.importorskip("transformers")
-    from lmforge.api import load
+    from lmforge.io.checkpoints import load
 
     _cli([str(tiny_hf_dir), "--out", str(tmp_path / "lm"), "--hidden", "48", "--ffn", "100", "--format", "lmforge"])
     _cli([str(tiny_hf_dir), "--out", str(tmp_path / "hf"), "--hidden", "48", "--ffn", "100"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_grow import FAMILIES, check, exactness, grow, ids, tiny
 
-from lmforge.model import Transformer
+from lmforge.model.transformer import Transformer
 
 CASES = {
     "hidden_x2": dict(hidden=2), "hidden_x4": dict(hidden=4), "hidden_x3": dict(hidden=3),

@@ -16,10 +16,10 @@ import json
 import pytest
 import torch
 
-from lmforge.api import build_model, load
 from lmforge.cli import main
-from lmforge.config import ModelConfig
-from lmforge.model import Transformer, lm_loss
+from lmforge.io.checkpoints import build_model, load
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer, lm_loss
 from lmforge.surgery.grow import grow
 from lmforge.surgery.grow_depth import layout
 from lmforge.surgery.grow_optim import (
@@ -203,9 +203,9 @@ def test_doubling_divides_moments_by_two_and_four_as_staged_training(tied):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 3-step training run of a tiny model on a tiny corpus (lmforge data + lmforge train machinery)."""
-    from lmforge.data import build_dataset
-    from lmforge.recipe import load_recipe
-    from lmforge.train import Trainer
+    from lmforge.data.tokens import build_dataset
+    from lmforge.train.loop import Trainer
+    from lmforge.train.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("grow-optim")
     (root / "text").mkdir()

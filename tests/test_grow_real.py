@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.api import build_model, load
-from lmforge.gguf import smollm2_gguf_path
-from lmforge.grow_cli import HELD_OUT_TEXT
-from lmforge.hf import save_hf
+from lmforge.commands.grow import HELD_OUT_TEXT
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.io.checkpoints import build_model, load
+from lmforge.io.gguf import smollm2_gguf_path
+from lmforge.io.hf_tensors import save_hf
 from lmforge.surgery.grow import check, grow
-from lmforge.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 MAX_REL_ERR = 1e-5

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lmforge.api import export_hf, load, read_checkpoint, save
-from lmforge.hf import config_from_hf, save_hf
+from lmforge.io.checkpoints import export_hf, load, read_checkpoint, save
+from lmforge.io.hf_config import config_from_hf
+from lmforge.io.hf_tensors import save_hf
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()  # the random pooler of a headless BertModel reload is expected

@@ -12,11 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lmforge.api import load, read_checkpoint, save_lmforge
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.hf import HEADER_BYTES, ShardWriter, expected_shapes, header_bound, save_hf, stream_tensors
-from lmforge.model import Transformer
+from lmforge.io.checkpoints import load, read_checkpoint, save_lmforge
+from lmforge.io.hf_tensors import save_hf
+from lmforge.io.safetensors_stream import HEADER_BYTES, ShardWriter, header_bound, stream_tensors
+from lmforge.model.config import ModelConfig
+from lmforge.model.shapes import expected_shapes
+from lmforge.model.transformer import Transformer
 from tests.families import GPT2_ARCH
 
 LLAMA = ModelConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=4, ffn_size=24, max_seq_len=32)

@@ -5,12 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.metrics import (
+from lmforge.metrics.flops import (
     PEAK_ENV,
-    MetricsLogger,
-    Throughput,
     flops_per_token,
     lookup_peak,
     measure_cpu_gemm_flops,
@@ -18,7 +15,9 @@ from lmforge.metrics import (
     params_count,
     peak_flops,
 )
-from lmforge.model import Transformer
+from lmforge.metrics.log import MetricsLogger, Throughput
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 from tests.families import BERT_ARCH, GPT2_ARCH
 
 LLAMA_GQA = ModelConfig(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_size=128)

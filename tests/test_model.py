@@ -2,8 +2,8 @@
 
 import torch
 
-from lmforge.config import ModelConfig
-from lmforge.model import Transformer
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer
 from tests.families import BERT_ARCH
 
 LLAMA = ModelConfig(vocab_size=97, hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2, ffn_size=80)

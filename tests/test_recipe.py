@@ -3,7 +3,7 @@
 import pytest
 
 from lmforge.errors import UserError
-from lmforge.recipe import load_recipe
+from lmforge.train.recipe import load_recipe
 
 
 def write(tmp_path, text):

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.recipe import load_recipe
-from lmforge.train import Trainer, lr_factor
+from lmforge.train.loop import Trainer
+from lmforge.train.optim import lr_factor
+from lmforge.train.recipe import load_recipe
 
 
 def recipe_file(tmp_path: Path, data: Path, **train) -> Path:

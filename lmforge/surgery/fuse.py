@@ -45,11 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.hf import expected_shapes
-from lmforge.hf_config import FIXED_HEAD_DIM
-from lmforge.model import Attention, Transformer
+from lmforge.model.config import ModelConfig
+from lmforge.model.shapes import FIXED_HEAD_DIM, expected_shapes
+from lmforge.model.transformer import Attention, Transformer
 from lmforge.surgery.fuse_calib import Calibration, calibrate, head_outputs
 from lmforge.surgery.fuse_math import Group, cluster, correlation, equal_groups, match, refit
 
@@ -175,7 +174,7 @@ def fuse(
 
 
 def _build(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> Transformer:
-    from lmforge.api import build_model
+    from lmforge.io.checkpoints import build_model
 
     return build_model(cfg, ((k, sd[k]) for k in expected_shapes(cfg)))
 

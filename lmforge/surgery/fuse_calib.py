@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmforge.model import Attention, RMSNorm, Transformer
+from lmforge.model.transformer import Attention, RMSNorm, Transformer
 
 
 @dataclass

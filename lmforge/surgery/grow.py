@@ -57,11 +57,10 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.hf import expected_shapes
-from lmforge.hf_config import FIXED_HEAD_DIM
-from lmforge.model import Transformer, lm_loss
+from lmforge.model.config import ModelConfig
+from lmforge.model.shapes import FIXED_HEAD_DIM, expected_shapes
+from lmforge.model.transformer import Transformer, lm_loss
 from lmforge.surgery.grow_depth import DEPTHS, ZEROED, PostNormPlan, layout, post_norm_plan
 from lmforge.surgery.grow_width import (
     Axis,
@@ -449,7 +448,7 @@ def _as_model(cfg: ModelConfig, model: Transformer | Mapping[str, Tensor], dtype
     if isinstance(model, Transformer):
         first = next(model.parameters())
         return (model if first.dtype == dtype else copy.deepcopy(model).to(dtype)).eval()
-    from lmforge.api import build_model
+    from lmforge.io.checkpoints import build_model
 
     return build_model(cfg, model.items(), dtype).eval()
 

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.model.config import ModelConfig
 from lmforge.surgery.grow import _KINDS, _Growth, _is_norm, _layer_suffix, target_config
 from lmforge.surgery.grow_depth import DEPTHS
 from lmforge.surgery.grow_width import Axis, Spec, grow_tensor
@@ -192,8 +192,8 @@ def read_training_checkpoint(path: str | os.PathLike) -> TrainingSource:
     """A run folder (its latest checkpoint) or a checkpoints/step_N folder written by `lmforge train`.
 
     Tokenizer files come from the run's final/ export, else from the run's data folder (either may be gone)."""
-    from lmforge import checkpoint
-    from lmforge.hf import read_side_files
+    from lmforge.io.safetensors_stream import read_side_files
+    from lmforge.train import checkpoint
 
     ck = checkpoint.load_checkpoint(path)
     model_cfg = (ck["config"] or {}).get("model")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmforge.config import ModelConfig
+from lmforge.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.atomic import atomic_dir, atomic_write_bytes
 from lmforge.errors import UserError
+from lmforge.io.atomic import atomic_dir, atomic_write_bytes
 
 FORMAT = "lmforge.checkpoint"
 VERSION = 1

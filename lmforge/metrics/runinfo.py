@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.atomic import atomic_write_bytes
+from lmforge.io.atomic import atomic_write_bytes
 
 LIBRARIES = ("torch", "transformers", "safetensors", "numpy", "tokenizers", "lmforge")
 

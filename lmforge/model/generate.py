@@ -6,15 +6,13 @@ one token per row, so a step costs one token's worth of compute instead of the w
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from lmforge.errors import UserError
-from lmforge.model import KVCache, Transformer
+from lmforge.model.transformer import KVCache, Transformer
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -120,77 +118,20 @@ def generate(
     return torch.cat([ids, torch.stack(steps, dim=1)], dim=1) if steps else ids
 
 
-# ---- the command ---------------------------------------------------------------------------------
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate",
-        help="continue a prompt with a model",
-        description="Continue --prompt with MODEL (an HF folder, an lmforge folder or a .gguf "
-        "file that carries its tokenizer), printing tokens as they come.",
-    )
-    p.add_argument("model", help="checkpoint folder or .gguf file")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=0.95, help="sample among the smallest set holding this mass")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.set_defaults(func=run)
+def sample_text(
+    model: Transformer, tokenizer_files: dict[str, bytes] | None, prompts, max_new: int, seed: int
+) -> list[str]:
+    """A few sampled continuations (temperature 0.8, top-k 50) so a person can read the model."""
+    if not tokenizer_files or not prompts or max_new <= 0:
+        return []
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.model.generate import generate
 
-
-def run(args: argparse.Namespace) -> int:
-    from lmforge.api import load
-    from lmforge.tokenizer import Tokenizer
-
-    top_k = args.top_k or None
-    check_sampling(args.max_new_tokens, args.temperature, top_k, args.top_p)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"--device {args.device!r}: {e}") from None
-    model = load(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
-    files = getattr(model, "tokenizer_files", None) or {}
-    if "tokenizer.json" not in files:
-        raise UserError(f"{args.model} carries no tokenizer.json; generate needs the model's tokenizer")
-    tok = Tokenizer.from_files(files)
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise UserError("the prompt encodes to no tokens")
-    if max(ids) >= model.config.vocab_size:
-        raise UserError(
-            f"the tokenizer gives id {max(ids)}, beyond the model's vocabulary of {model.config.vocab_size}"
-        )
-    eos = tok.eos_id if tok.eos_id is not None else model.config.eos_token_id
-    generator = torch.Generator(device).manual_seed(args.seed)
-    steps = stream(
-        model,
-        torch.tensor([ids]),
-        args.max_new_tokens,
-        args.temperature,
-        top_k,
-        args.top_p,
-        args.greedy,
-        eos,
-        generator,
-    )
-    out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
-    new: list[int] = []
-    shown = ""
-    for token in steps:
-        if eos is not None and int(token[0]) == eos:
-            break
-        new.append(int(token[0]))
-        text = tok.decode(new, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a character cut between tokens: wait for its remaining bytes
-            continue
-        out.write(text[len(shown) :])
-        out.flush()
-        shown = text
-    out.write(tok.decode(new, skip_special_tokens=True)[len(shown) :] + "\n")  # a cut character at the very end
-    out.flush()
-    return 0
+    tok = Tokenizer.from_files(tokenizer_files)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
+        new = generate(model, ids, max_new, temperature=0.8, top_k=50, eos_id=tok.eos_id, generator=gen)
+        out.append(prompt + tok.decode(new[0, ids.shape[1] :].tolist()))
+    return out

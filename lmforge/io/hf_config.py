@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.model.config import ModelConfig
+from lmforge.model.shapes import _SHAPE, FIXED_HEAD_DIM
 
-# GPT-2 and BERT have no head_dim field (hidden = heads x head_dim) and no grouped-query attention.
-FIXED_HEAD_DIM = ("gpt2", "bert")
 # Head models keep the base model under this attribute, so their tensor names carry it as a prefix.
 BASE_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "gpt2": "transformer.", "bert": "bert."}
 _CLASS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gpt2": "GPT2", "bert": "Bert"}
@@ -66,46 +65,6 @@ _FIELDS = {
         ("type_vocab_size", "type_vocab_size", 2, int),
         ("norm_eps", "layer_norm_eps", 1e-12, float),
     ],
-}
-# The switches that make a family what it is: set on import, required on export ("any": free to vary).
-_LLAMA_SHAPE = dict(
-    norm="rmsnorm",
-    norm_position="pre",
-    position="rope",
-    mlp="swiglu",
-    causal=True,
-    pooler=False,
-    type_vocab_size=0,
-    embed_norm=False,
-    final_norm=True,
-    sliding_window=None,
-    classifier_bias=False,
-)
-_GELU_SHAPE = dict(
-    norm="layernorm",
-    position="learned",
-    mlp="gelu",
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-    head_dim=None,
-    sliding_window=None,
-)
-_SHAPE = {
-    "llama": _LLAMA_SHAPE,
-    "mistral": {**_LLAMA_SHAPE, "sliding_window": "any", "qkv_bias": False, "out_bias": False, "mlp_bias": False},
-    "qwen2": {**_LLAMA_SHAPE, "sliding_window": "any", "qkv_bias": True, "out_bias": False, "mlp_bias": False},
-    "gpt2": {
-        **_GELU_SHAPE,
-        "norm_position": "pre",
-        "causal": True,
-        "type_vocab_size": 0,
-        "embed_norm": False,
-        "final_norm": True,
-        "pooler": False,
-        "classifier_bias": False,
-    },
-    "bert": {**_GELU_SHAPE, "norm_position": "post", "causal": False, "embed_norm": True, "final_norm": False},
 }
 # HF's default bos, eos and pad token ids when config.json does not say.
 _TOKEN_DEFAULTS = {
@@ -288,7 +247,7 @@ def load_hf_config(folder: str | Path) -> ModelConfig:
         raise UserError(f"{path} is not a JSON object")
     cfg = config_from_hf(d)
     if cfg.family == "bert" and cfg.head == "none":  # a BertModel may or may not carry its pooler
-        from lmforge.hf import read_headers, safetensors_files
+        from lmforge.io.safetensors_stream import read_headers, safetensors_files
 
         names = read_headers(safetensors_files(folder))
         cfg = cfg.replace(pooler=any(n.split("pooler.", 1)[0] in ("", "bert.") for n in names if "pooler." in n))

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from lmforge.api import load, read_checkpoint, save_lmforge
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
-from lmforge.hf import save_hf
+from lmforge.io.checkpoints import load, read_checkpoint, save_lmforge
+from lmforge.io.hf_tensors import save_hf
+from lmforge.model.config import ModelConfig
 from lmforge.surgery.grow import MODES, NOISES, check, exactness, grow
 from lmforge.surgery.grow_depth import DEPTHS
 
@@ -171,7 +171,7 @@ def _check_ids(cfg: ModelConfig, side: dict[str, bytes], text_file: str | None) 
     """(input ids (1, T), what they are): the checkpoint's tokenizer on held-out text, else random ids."""
     limit = min(CHECK_TOKENS, cfg.max_seq_len)
     if "tokenizer.json" in side:
-        from lmforge.tokenizer import Tokenizer
+        from lmforge.data.tokenizer import Tokenizer
 
         text = Path(text_file).read_text(encoding="utf-8", errors="replace") if text_file else HELD_OUT_TEXT
         ids = Tokenizer.from_files(side).encode(text)[:limit]

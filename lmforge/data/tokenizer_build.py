@@ -214,7 +214,7 @@ def tiktoken_gpt2(ranks_file: bytes) -> DataTokenizer:
 
 def gpt2_tokenizer() -> DataTokenizer:
     """GPT-2's tokenizer, read from the openai-whisper sdist (fetched once into the package cache)."""
-    from lmforge.corpus import fetch_package, read_text_member
+    from lmforge.data.corpus import fetch_package, read_text_member
 
     return tiktoken_gpt2(read_text_member(fetch_package("openai-whisper"), "whisper/assets/gpt2.tiktoken"))
 

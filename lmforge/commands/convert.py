@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from lmforge.api import read_checkpoint, save_lmforge
-from lmforge.hf import save_hf
+from lmforge.io.checkpoints import read_checkpoint, save_lmforge
+from lmforge.io.hf_tensors import save_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -23,13 +23,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from lmforge.api import build_model, read_checkpoint, save_lmforge
-from lmforge.config import ModelConfig
-from lmforge.data import BatchSampler, TokenDataset, check_tokenizer_matches
+from lmforge.commands.grow import add_size_flags, size_args
+from lmforge.data.tokens import BatchSampler, TokenDataset, check_tokenizer_matches
 from lmforge.errors import UserError
-from lmforge.grow_cli import add_size_flags, size_args
-from lmforge.hf import save_hf
-from lmforge.model import Transformer, lm_loss
+from lmforge.io.checkpoints import build_model, read_checkpoint, save_lmforge
+from lmforge.io.hf_tensors import save_hf
+from lmforge.model.config import ModelConfig
+from lmforge.model.transformer import Transformer, lm_loss
 from lmforge.surgery.fuse import count_params, drop_layers, fuse, target_config
 
 METHODS = ("fuse", "prune", "drop", "random")

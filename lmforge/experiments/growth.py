@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
-from lmforge.recipe import OptimConfig, Recipe, build_section, load_recipe_sections
+from lmforge.train.recipe import OptimConfig, Recipe, build_section, load_recipe_sections
 
 # The embedded default: a 2-layer, 128-wide source grown to 4 layers of 256 (2x width, 2x depth) on the starter
 # corpus; about 5 minutes of training on 2 CPU cores. recipes/growth-cpu.yaml is the hour-long version.
@@ -147,7 +147,7 @@ def ensure_data(recipe: Recipe, growth: GrowthConfig) -> Path:
         return path
     if not growth.starter_tokenizer:
         raise UserError(f"data.path {path} holds no dataset (build one with `lmforge data`)")
-    from lmforge.data import build_dataset
+    from lmforge.data.tokens import build_dataset
 
     print(f"building the starter corpus ({growth.starter_tokenizer}) into {path} ...", flush=True)
     build_dataset(path, starter=True, tokenizer=growth.starter_tokenizer, val_fraction=0.05, seed=0)
@@ -168,7 +168,7 @@ def _copy_divergence(init_dir: Path, final_dir: Path, d_s: int, d_t: int) -> dic
     to their size (0 means the symmetry was never broken and the wider model gained no capacity)."""
     if d_t < 2 * d_s or not final_dir.is_dir():
         return None
-    from lmforge.api import load
+    from lmforge.io.checkpoints import load
 
     out = {}
     for label, folder in (("start", init_dir), ("end", final_dir)):
@@ -178,8 +178,8 @@ def _copy_divergence(init_dir: Path, final_dir: Path, d_s: int, d_t: int) -> dic
 
 
 def _train(recipe: Recipe, moments: dict | None = None) -> dict:
-    from lmforge import dist
-    from lmforge.train import Trainer
+    from lmforge.train import parallel
+    from lmforge.train.loop import Trainer
 
     t0 = time.perf_counter()
     trainer = Trainer(recipe)
@@ -191,17 +191,17 @@ def _train(recipe: Recipe, moments: dict | None = None) -> dict:
     try:
         summary = trainer.run()
     finally:
-        dist.teardown()
+        parallel.teardown()
     return {**summary, "seconds": time.perf_counter() - t0, "params": trainer.model.num_params()}
 
 
 def run_experiment(recipe: Recipe, growth: GrowthConfig, out: Path, overwrite: bool = False) -> dict:
     """Source, growth, grown and scratch runs in `out`; writes report.md, result.json and two plots. Returns the
     result (see the module docstring for what is counted)."""
-    from lmforge.api import save_lmforge
-    from lmforge.data import TokenDataset, check_tokenizer_matches
-    from lmforge.metrics import flops_per_token
-    from lmforge.report import read_metrics
+    from lmforge.data.tokens import TokenDataset, check_tokenizer_matches
+    from lmforge.io.checkpoints import save_lmforge
+    from lmforge.metrics.flops import flops_per_token
+    from lmforge.metrics.report import read_metrics
     from lmforge.surgery.grow import exactness, grow, target_config
     from lmforge.surgery.grow_optim import (
         OPTIMIZER_STATE_FILE,
@@ -320,7 +320,7 @@ def analyse(rows: dict[str, list[dict]], summaries: dict[str, dict], growth: Gro
 
 
 def _plots(rows: dict, result: dict, out: Path, cfg_s, cfg_t) -> list[Path]:
-    from lmforge.report import plot_curves
+    from lmforge.metrics.report import plot_curves
 
     shift = result["source_flops"]
     shifted = [{**r, "flops": r["flops"] + shift} if r.get("flops") is not None else r for r in rows["grown"]]
@@ -354,7 +354,7 @@ def _schedule_text(optim: dict) -> str:
 
 
 def _report(result, summaries, recipe, growth, cfg_s, cfg_t, plots) -> str:
-    from lmforge.report import markdown_table
+    from lmforge.metrics.report import markdown_table
 
     r = result
     tc = recipe.train
@@ -433,57 +433,3 @@ def _report(result, summaries, recipe, growth, cfg_s, cfg_t, plots) -> str:
     if samples:
         lines += ["", "## Samples", "", *[f"- {k}: `{s!r}`" for k, s in samples]]
     return "\n".join(lines) + "\n"
-
-
-# ---- the command -----------------------------------------------------------------------------------------------
-def register(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="the growth experiment: train a small model, grow it, and compare with training the big one from scratch",
-        description="Train a source model, grow it (function preserving), train the grown model and the same "
-        "architecture from scratch with the same recipe, and report the FLOPs each needs to reach the scratch "
-        "run's final validation loss. Override any recipe key as --section.key=value (growth.* included).",
-    )
-    p.add_argument("--recipe", default=None, help="growth recipe YAML (default: the embedded one; see recipes/)")
-    p.add_argument("--out", default=None, help="experiment folder (default: the recipe's train.out_dir)")
-    p.add_argument("--quick", action="store_true", help="a one-minute smoke run of the pipeline (numbers mean nothing)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier experiment in the folder")
-    p.set_defaults(func=_cli, accepts_overrides=True)
-
-
-def _cli(args) -> int:
-    overrides = list(getattr(args, "overrides", None) or [])
-    recipe, growth = load_growth_recipe(args.recipe, (QUICK_OVERRIDES if args.quick else []) + overrides)
-    out = Path(args.out or recipe.train.out_dir)
-    r = run_experiment(recipe, growth, out, args.overwrite)
-    print()
-    print(
-        f"source {r['source_final_val_loss']:.4f} -> grown starts at {r['grown_initial_val_loss']:.4f} "
-        f"(|diff| {r['init_gap']:.1e}: {'function preserved' if r['function_preserved'] else 'NOT preserved'})"
-    )
-    if r["saved_pct"] is None:
-        print(f"the grown run never reached the scratch run's final val loss {r['scratch_final_val_loss']:.4f}")
-    else:
-        print(
-            f"to reach val loss {r['scratch_final_val_loss']:.4f}: grown {r['grown_flops_to_target']:.3e} FLOPs, "
-            f"scratch {r['scratch_flops_to_target']:.3e}: {r['saved_pct']:.1f}% saved "
-            f"({r['saved_pct_with_source']:.1f}% counting the source's {r['source_flops']:.3e})"
-        )
-    print(f"report: {r['report']}  plot: {r['plot']}  ({r['seconds']:.0f} s)")
-    keys = (
-        "scratch_final_val_loss",
-        "grown_flops_to_target",
-        "scratch_flops_to_target",
-        "saved_pct",
-        "saved_pct_with_source",
-        "source_final_val_loss",
-        "grown_initial_val_loss",
-        "function_preserved",
-        "grown_final_val_loss",
-        "source_flops",
-        "grown_steps_to_target",
-        "optimizer_state",
-        "seconds",
-    )
-    print(json.dumps({k: r[k] for k in keys}))
-    return 0

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data.packages import PACKAGES, fetch_package
 from lmforge.errors import UserError
-from lmforge.packages import PACKAGES, fetch_package
 
 
 @dataclass(frozen=True)

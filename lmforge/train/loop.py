@@ -16,42 +16,23 @@ what one process computes with the same global batch (tested on 2 CPU ranks with
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lmforge import checkpoint, dist, metrics, runinfo
-from lmforge.data import BatchSampler, TokenDataset, check_tokenizer_matches
+from lmforge.data.tokens import BatchSampler, TokenDataset, check_tokenizer_matches
 from lmforge.errors import UserError
-from lmforge.model import Transformer, lm_loss
-from lmforge.recipe import OptimConfig, Recipe, TrainConfig
-
-
-# ---- optimizer and schedule ---------------------------------------------------------------------
-def make_optimizer(model: nn.Module, oc: OptimConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms, biases or embedding tables)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=fused)
-
-
-def lr_factor(step: int, oc: OptimConfig, total: int) -> float:
-    """Multiplier of oc.lr at `step` (0-based): linear warm-up, then cosine/linear decay to min_lr_ratio."""
-    if step < oc.warmup_steps:
-        return (step + 1) / oc.warmup_steps
-    if oc.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - oc.warmup_steps) / max(1, total - oc.warmup_steps))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if oc.schedule == "cosine" else 1 - progress
-    return oc.min_lr_ratio + (1 - oc.min_lr_ratio) * shape
+from lmforge.metrics import runinfo
+from lmforge.metrics.flops import flops_per_token, mfu
+from lmforge.metrics.log import MetricsLogger, Throughput
+from lmforge.model.generate import sample_text
+from lmforge.model.transformer import Transformer, lm_loss
+from lmforge.train import checkpoint, parallel
+from lmforge.train.optim import lr_factor, make_optimizer
+from lmforge.train.recipe import Recipe, TrainConfig
 
 
 # ---- set-up helpers -----------------------------------------------------------------------------
@@ -84,7 +65,7 @@ def build_model(recipe: Recipe) -> tuple[Transformer, Recipe]:
     """Random init from recipe.model, or the checkpoint named by train.init_from."""
     tc = recipe.train
     if tc.init_from:
-        from lmforge.api import load
+        from lmforge.io.checkpoints import load
 
         model = load(tc.init_from)
         if model.config.head != "lm":
@@ -118,7 +99,7 @@ class Trainer:
     resumable_keys: tuple[str, ...] = RESUMABLE_KEYS
 
     def __init__(self, recipe: Recipe, resume: bool = False):
-        self.env = env = dist.setup(recipe.train.device)
+        self.env = env = parallel.setup(recipe.train.device)
         tc = recipe.train
         self.out = Path(tc.out_dir)
         torch.manual_seed(tc.seed)
@@ -132,8 +113,8 @@ class Trainer:
         self.recipe, self.tc, self.oc = recipe, tc, recipe.optim
         self.micro, self.accum = _micro_batch(tc, env.world)
         self.dtype = _precision(tc, env.device)
-        self.mode = dist.resolve_mode(tc.parallel, env.world)
-        self.flops = metrics.flops_per_token(recipe.model, tc.seq_len)
+        self.mode = parallel.resolve_mode(tc.parallel, env.world)
+        self.flops = flops_per_token(recipe.model, tc.seq_len)
 
         model.to(env.device)
         self.model = model  # the plain module: its parameter names are the checkpoint's
@@ -144,7 +125,7 @@ class Trainer:
             else:
                 model.compile()
         fsdp_dtype = self.dtype if self.mode == "fsdp" and self.dtype != torch.float32 else None
-        self.wrapped = dist.parallelize(model, self.mode, env, param_dtype=fsdp_dtype)
+        self.wrapped = parallel.parallelize(model, self.mode, env, param_dtype=fsdp_dtype)
         self.optimizer = make_optimizer(model, self.oc, fused=env.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.oc, tc.steps))
         self.sampler = BatchSampler(self.train_data, tc.batch_size, tc.seq_len, tc.seed)
@@ -154,10 +135,10 @@ class Trainer:
             self._resume()
         elif self.out.exists() and any(self.out.iterdir()):
             raise UserError(f"output {self.out} already exists and is not empty (use --resume or another path)")
-        dist.barrier()
+        parallel.barrier()
         if env.is_main:
             runinfo.write_run_info(self.out, self.run_config(), tc.seed)
-        self.log = metrics.MetricsLogger(
+        self.log = MetricsLogger(
             self.out, env.rank, total_steps=tc.steps, log_every=tc.log_every, start_step=self.step, device=env.device
         )
 
@@ -221,7 +202,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return dist.all_reduce_mean(loss_sum).item(), gnorm
+        return parallel.all_reduce_mean(loss_sum).item(), gnorm
 
     def _clip(self) -> float:
         max_norm = self.oc.grad_clip if self.oc.grad_clip > 0 else float("inf")
@@ -242,7 +223,7 @@ class Trainer:
                     loss = lm_loss(self.wrapped(x[i : i + self.micro]), y[i : i + self.micro])
                 total += loss * (x[i : i + self.micro].shape[0] / x.shape[0])
         self.wrapped.train()
-        return dist.all_reduce_mean(total / len(batches)).item()
+        return parallel.all_reduce_mean(total / len(batches)).item()
 
     # -- checkpoints --
     def _state(self) -> tuple[dict, dict]:
@@ -273,7 +254,7 @@ class Trainer:
                 keep_last=self.tc.keep_last,
                 extra=self.extra_state(),
             )
-        dist.barrier()
+        parallel.barrier()
 
     def _resume(self) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -307,7 +288,7 @@ class Trainer:
         # A fresh run may already meet its goal; a resumed one judged its last evaluation before the save.
         stopped_by = self.stop_reason(self.step, val0) if self.step == 0 else None
         val = val0 if stopped_by is not None else None  # the evaluation of the step training ended at, if any
-        timer = metrics.Throughput()
+        timer = Throughput()
         while stopped_by is None and self.step < tc.steps:
             t0 = time.perf_counter()
             loss, gnorm = self.train_step()
@@ -321,7 +302,7 @@ class Trainer:
                 lr=self.scheduler.get_last_lr()[0],
                 grad_norm=gnorm,
                 tokens_per_s=timer.tokens_per_s,
-                mfu=metrics.mfu(self.flops["total"], timer.tokens_per_s, env.device, self.dtype, env.world),
+                mfu=mfu(self.flops["total"], timer.tokens_per_s, env.device, self.dtype, env.world),
             )
             val = None
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
@@ -364,54 +345,7 @@ class Trainer:
         for prompt, text in zip(self.tc.sample_prompts, samples):
             self.log.write(f"sample | {prompt!r} -> {text!r}")
         if self.tc.export_hf:
-            from lmforge.api import export_hf
+            from lmforge.io.checkpoints import export_hf
 
             export_hf(final, self.out / "final", overwrite=True)
         return samples
-
-
-def sample_text(
-    model: Transformer, tokenizer_files: dict[str, bytes] | None, prompts, max_new: int, seed: int
-) -> list[str]:
-    """A few sampled continuations (temperature 0.8, top-k 50) so a person can read the model."""
-    if not tokenizer_files or not prompts or max_new <= 0:
-        return []
-    from lmforge.generate import generate
-    from lmforge.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_files(tokenizer_files)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([tok.encode(prompt)], dtype=torch.long)
-        new = generate(model, ids, max_new, temperature=0.8, top_k=50, eos_id=tok.eos_id, generator=gen)
-        out.append(prompt + tok.decode(new[0, ids.shape[1] :].tolist()))
-    return out
-
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a model from a recipe (YAML), on CPU, GPU or many GPUs via torchrun",
-        description="Train from RECIPE.yaml; override any key as --section.key=value.",
-    )
-    p.add_argument("recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
-    p.set_defaults(func=_cli, accepts_overrides=True)
-
-
-def _cli(args) -> int:
-    from lmforge.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        trainer = Trainer(recipe, resume=args.resume)
-        summary = trainer.run()
-    finally:
-        dist.teardown()
-    if trainer.env.is_main:
-        print(
-            f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} "
-            f"after {summary['steps']} steps ({summary['tokens']:,} tokens); run in {summary['out_dir']}"
-        )
-    return 0

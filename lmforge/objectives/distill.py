@@ -20,7 +20,6 @@ only; its keys are checked the same way and it is overridable as --distill.key=v
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge import dist, metrics
-from lmforge.data import check_tokenizer_matches
+from lmforge.data.tokens import check_tokenizer_matches
 from lmforge.errors import UserError
-from lmforge.model import lm_loss
-from lmforge.recipe import Recipe, load_recipe_sections
-from lmforge.train import RESUMABLE_KEYS, Trainer
+from lmforge.metrics.flops import flops_per_token
+from lmforge.model.transformer import lm_loss
+from lmforge.train import parallel
+from lmforge.train.loop import RESUMABLE_KEYS, Trainer
+from lmforge.train.recipe import Recipe, load_recipe_sections
 
 # Rows of (rows, vocab) float32 temporaries the KL works on at once: 8M floats = 32 MB per temporary, whatever
 # the vocabulary (49152 for SmolLM2 gives 170 rows), instead of several copies of the whole (B*T, V) logits.
@@ -158,7 +158,7 @@ class DistillTrainer(Trainer):
 
     # -- set-up: the teacher, checked before Trainer writes anything --
     def prepare(self) -> None:
-        from lmforge.api import load
+        from lmforge.io.checkpoints import load
 
         d, student_cfg, tc = self.distill, self.recipe.model, self.tc
         # fp32 on CPU; on a GPU with bf16 training the teacher is held in bf16 (inference only, half the memory).
@@ -182,7 +182,7 @@ class DistillTrainer(Trainer):
         check_tokenizer_matches(self.train_data.manifest, cfg.vocab_size, getattr(teacher, "tokenizer_files", None))
         teacher.requires_grad_(False)
         self.teacher = teacher.eval()
-        self.teacher_flops = metrics.flops_per_token(cfg, tc.seq_len)["forward"]
+        self.teacher_flops = flops_per_token(cfg, tc.seq_len)["forward"]
         self.teacher_params = teacher.num_params()
         self._teacher_val_pass()
 
@@ -207,7 +207,7 @@ class DistillTrainer(Trainer):
                 total += lm_loss(logits, y[i : i + self.micro]) * (logits.shape[0] / x.shape[0])
                 if self.teacher_val_cache is not None:
                     self.teacher_val_cache.append(F.log_softmax(logits.float(), dim=-1))
-        self.teacher_val_loss = dist.all_reduce_mean(total / len(self.val_batches)).item()
+        self.teacher_val_loss = parallel.all_reduce_mean(total / len(self.val_batches)).item()
         self._teacher_logged = False
 
     def _teacher_val_log_probs(self, index: int, x: Tensor) -> Tensor:
@@ -256,8 +256,8 @@ class DistillTrainer(Trainer):
                 kl_total += kl_from_log_probs(logits, self._teacher_val_log_probs(index, xs)) * share
                 index += 1
         self.wrapped.train()
-        val_loss = dist.all_reduce_mean(lm_total / len(self.val_batches)).item()
-        val_kl = dist.all_reduce_mean(kl_total / len(self.val_batches)).item()
+        val_loss = parallel.all_reduce_mean(lm_total / len(self.val_batches)).item()
+        val_kl = parallel.all_reduce_mean(kl_total / len(self.val_batches)).item()
         val = {"val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_kl": val_kl}
         if not self._teacher_logged:  # the teacher's own numbers, once per process: the reference for val_ppl
             self._teacher_logged = True
@@ -306,35 +306,3 @@ class DistillTrainer(Trainer):
             # The teacher's forward passes on the training tokens, on top of the student's training FLOPs.
             "teacher_flops": self.step * self.tc.batch_size * self.tc.seq_len * self.teacher_flops,
         }
-
-
-# ---- the command --------------------------------------------------------------------------------
-def register(sub) -> None:
-    p = sub.add_parser(
-        "distill",
-        help="train a student against a teacher (logit KL, hidden MSE, LM loss) until a stop condition or the budget",
-        description="Distil RECIPE.yaml's student (train.init_from, or the model section from random init) from "
-        "distill.teacher; override any key as --section.key=value (--distill.stop_kl=0.5). The last line printed "
-        "is the run's summary as one JSON object.",
-    )
-    p.add_argument("recipe", help="recipe YAML with a distill: section (see recipes/fuse-recover-cpu.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
-    p.set_defaults(func=_cli, accepts_overrides=True)
-
-
-def _cli(args) -> int:
-    recipe, distill = load_distill_recipe(args.recipe, args.overrides)
-    try:
-        trainer = DistillTrainer(recipe, distill, resume=args.resume)
-        summary = trainer.run()
-    finally:
-        dist.teardown()
-    if trainer.env.is_main:
-        s = summary
-        print(
-            f"val ppl {s['val_ppl_start']:.2f} -> {s['val_ppl']:.2f} (teacher {s['teacher_val_ppl']:.2f}, "
-            f"ratio {s['ppl_ratio']:.3f}), val KL {s['val_kl_start']:.4f} -> {s['val_kl']:.4f}; "
-            f"stopped by {s['stopped_by']} after {s['steps']} steps ({s['tokens']:,} tokens); run in {s['out_dir']}"
-        )
-        print(json.dumps({k: v for k, v in summary.items() if k != "samples"}))
-    return 0

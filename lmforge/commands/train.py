@@ -1,0 +1,34 @@
+"""`lmforge train RECIPE.yaml`: pre-train a language model with the one loop."""
+
+from __future__ import annotations
+
+from lmforge.train import parallel
+from lmforge.train.loop import Trainer
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a recipe (YAML), on CPU, GPU or many GPUs via torchrun",
+        description="Train from RECIPE.yaml; override any key as --section.key=value.",
+    )
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
+    p.set_defaults(func=_cli, accepts_overrides=True)
+
+
+def _cli(args) -> int:
+    from lmforge.train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        trainer = Trainer(recipe, resume=args.resume)
+        summary = trainer.run()
+    finally:
+        parallel.teardown()
+    if trainer.env.is_main:
+        print(
+            f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} "
+            f"after {summary['steps']} steps ({summary['tokens']:,} tokens); run in {summary['out_dir']}"
+        )
+    return 0

@@ -1,0 +1,1 @@
+"""Experiments that chain several runs (the growth experiment behind `lmforge demo`)."""

@@ -1,0 +1,1 @@
+"""FLOPs and MFU, the metrics log, run information and reports."""

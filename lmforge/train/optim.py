@@ -1,0 +1,33 @@
+"""AdamW with decay on matrices only, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.train.recipe import OptimConfig
+
+
+# ---- optimizer and schedule ---------------------------------------------------------------------
+def make_optimizer(model: nn.Module, oc: OptimConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases or embedding tables)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=fused)
+
+
+def lr_factor(step: int, oc: OptimConfig, total: int) -> float:
+    """Multiplier of oc.lr at `step` (0-based): linear warm-up, then cosine/linear decay to min_lr_ratio."""
+    if step < oc.warmup_steps:
+        return (step + 1) / oc.warmup_steps
+    if oc.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - oc.warmup_steps) / max(1, total - oc.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if oc.schedule == "cosine" else 1 - progress
+    return oc.min_lr_ratio + (1 - oc.min_lr_ratio) * shape
