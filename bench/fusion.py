@@ -1,4 +1,4 @@
-"""Fusion against its baselines at equal size and equal token budget (issue 4).
+"""Fusion against its baselines at equal size and equal token budget.
 
     python bench/fusion.py TEACHER --data DIR --out DIR [--hidden N --ffn N --heads N --kv-heads N --layers N]
                            [--recipe recipes/fuse-recover-cpu.yaml] [--steps N] [--methods fuse,prune,drop,random]
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmforge.metrics.report import markdown_table, read_metrics  # noqa: E402
+from lmforge.objectives.lm import perplexity  # noqa: E402
 
 METHODS = ("fuse", "prune", "drop", "random")
 LABELS = {
@@ -161,7 +161,7 @@ def report(a, out: Path, methods, one_shot: dict, runs: dict, seconds: dict) -> 
     if runs:
         t_ppl = next((r["teacher_val_ppl"] for r in evals(runs[methods[0]]) if r.get("teacher_val_ppl")), None)
         t_ppl = t_ppl or teacher_ppl
-        curves = {m: [(r["tokens"], math.exp(r["val_loss"])) for r in evals(runs[m])] for m in methods}
+        curves = {m: [(r["tokens"], perplexity(r["val_loss"])) for r in evals(runs[m])] for m in methods}
         budgets = sorted(set.intersection(*(set(t for t, _ in curves[m]) for m in methods)))
         table = [[t] + [dict(curves[m])[t] for m in methods] for t in budgets]
         beats = [

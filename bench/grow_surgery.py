@@ -13,7 +13,7 @@ A separate `--check` run per case (not timed) gives the max relative logit error
 held-out text in float32. (A non-integer widening rescales the norm gains by sqrt(576 / 864), which a
 bfloat16 checkpoint stores rounded: exact in float32, ~1e-2 in bfloat16.)
 
-Target (issue 5): the 2x-width clone of the bfloat16 checkpoint in <= 5 s on 2 cores with a peak of
+Target: the 2x-width clone of the bfloat16 checkpoint in <= 5 s on 2 cores with a peak of
 <= 0.5x the output's size. Anchor: HyperCloning, 11-13 s and ~1.7x for the same growth on this machine.
 The last line printed is one JSON object with every number.
 """
@@ -49,7 +49,7 @@ CASES = {
 }
 DTYPES = ("bfloat16", "float32")
 TARGET_S, TARGET_RATIO = 5.0, 0.5
-ANCHOR = "HyperCloning: 11-13 s, peak ~1.7x the output (2x width clone, this machine, issue 5)"
+ANCHOR = "HyperCloning: 11-13 s, peak ~1.7x the output (2x width clone, this machine)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,21 +31,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge import dist  # noqa: E402
 from lmforge.errors import UserError  # noqa: E402
 from lmforge.metrics.report import read_metrics  # noqa: E402
 from lmforge.surgery.grow_optim import grow_optimizer_state, load_optimizer_state, read_training_checkpoint  # noqa: E402
-from lmforge.train.loop import Trainer  # noqa: E402
+from lmforge.train.loop import Trainer, run_trainer  # noqa: E402
 from lmforge.train.recipe import load_recipe  # noqa: E402
-
-
-class StopAt(Trainer):
-    """A Trainer that ends after `stop` steps, on the schedule of train.steps."""
-
-    stop = 0
-
-    def stop_reason(self, step, val):
-        return "stop" if self.stop and step >= self.stop else None
+from lmforge.train.stop import StepLimit  # noqa: E402
 
 
 def main() -> None:
@@ -93,14 +84,14 @@ def main() -> None:
             sample_prompts=(),
         ),
     )
-    StopAt.stop = a.stop
-    trainer = StopAt(recipe)
-    if moments is not None:
-        load_optimizer_state(trainer.optimizer, trainer.model, moments)
-    try:
-        trainer.run()
-    finally:
-        dist.teardown()
+
+    def make() -> Trainer:  # --stop ends the run early, on the schedule of train.steps
+        trainer = Trainer(recipe, stop_rules=(StepLimit(a.stop),) if a.stop else ())
+        if moments is not None:
+            load_optimizer_state(trainer.optimizer, trainer.model, moments)
+        return trainer
+
+    run_trainer(make)
     val = {r["step"]: round(r["val_loss"], 4) for r in read_metrics(out) if "val_loss" in r}
     print(json.dumps({"start": a.start, "lr": a.lr, "warmup": a.warmup, "moments": moments is not None, "val": val}))
 

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from lmforge import metrics  # noqa: E402
 from lmforge.io.hf_config import config_to_hf  # noqa: E402
 from lmforge.model.config import PRESETS, ModelConfig  # noqa: E402
-from lmforge.model.transformer import Transformer, lm_loss  # noqa: E402
+from lmforge.model.transformer import Transformer  # noqa: E402
+from lmforge.objectives.lm import lm_loss
 
 CLEAN_UTIL = 0.9  # a CPU round is clean when process CPU time >= 90% of wall time x threads
 SIDES = ("lmforge compiled", "hf compiled", "lmforge eager", "hf eager")

@@ -1,13 +1,13 @@
 """The architecture fields of each model family, for the tiny configs the tests build:
 ModelConfig(**GPT2_ARCH, vocab_size=..., hidden_size=..., ...). Sizes stay with each test; they differ on purpose.
-The family's fixed switches come from the HF importer's own table (lmforge.hf_config._SHAPE); only the choices a
+The family's fixed switches come from the HF importer's own table (lmforge.hf_config.FAMILY_SWITCHES); only the choices a
 family leaves free are set here."""
 
-from lmforge.model.shapes import _SHAPE
+from lmforge.model.shapes import FAMILY_SWITCHES
 
 
 def _fixed(family: str) -> dict:
-    return {"family": family, **{k: v for k, v in _SHAPE[family].items() if v != "any"}}
+    return {"family": family, **{k: v for k, v in FAMILY_SWITCHES[family].items() if v != "any"}}
 
 
 GPT2_ARCH = {**_fixed("gpt2"), "activation": "gelu_tanh", "tie_embeddings": True}

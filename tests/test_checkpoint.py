@@ -11,7 +11,8 @@ from safetensors import safe_open
 from lmforge.errors import UserError
 from lmforge.metrics.runinfo import git_info, write_run_info
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import Transformer, lm_loss
+from lmforge.model.transformer import Transformer
+from lmforge.objectives.lm import lm_loss
 from lmforge.train import checkpoint
 from lmforge.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 

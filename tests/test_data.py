@@ -414,16 +414,21 @@ def test_checkpoint_tokenizer_eos_comes_from_doc_end_tokens_or_its_configs(tmp_p
 
     chat = {"tokenizer.json": tokenizer_json(["<|im_start|>", "<|im_end|>"])}
     with pytest.raises(UserError, match="no end-of-text token"):
-        bpe.from_files(chat, "ckpt")
-    tok = bpe.from_files(chat | {"tokenizer_config.json": b'{"eos_token": {"content": "<|im_end|>"}}'}, "ckpt")
+        bpe.data_tokenizer_from_files(chat, "ckpt")
+    tok = bpe.data_tokenizer_from_files(
+        chat | {"tokenizer_config.json": b'{"eos_token": {"content": "<|im_end|>"}}'}, "ckpt"
+    )
     assert (tok.eos_token, tok.eos_id, tok.vocab_size) == ("<|im_end|>", 5, 6)
-    assert bpe.from_files(chat | {"config.json": b'{"eos_token_id": [4, 5]}'}, "ckpt").eos_token == "<|im_start|>"
+    assert (
+        bpe.data_tokenizer_from_files(chat | {"config.json": b'{"eos_token_id": [4, 5]}'}, "ckpt").eos_token
+        == "<|im_start|>"
+    )
     # A pre-training document ends with <|endoftext|> even where the chat config names <|im_end|>.
     both = {
         "tokenizer.json": tokenizer_json(["<|endoftext|>", "<|im_end|>"]),
         "tokenizer_config.json": b'{"eos_token": "<|im_end|>"}',
     }
-    tok = bpe.from_files(both, "ckpt")
+    tok = bpe.data_tokenizer_from_files(both, "ckpt")
     assert (
         tok.eos_token == "<|endoftext|>"
         and json.loads(tok.files["tokenizer_config.json"])["eos_token"] == tok.eos_token

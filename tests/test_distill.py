@@ -16,9 +16,9 @@ import yaml
 
 from lmforge.cli import main
 from lmforge.errors import UserError
-from lmforge.model.transformer import lm_loss
 from lmforge.objectives import distill as distill_mod
-from lmforge.objectives.distill import DistillTrainer, kl_from_log_probs, load_distill_recipe, tempered_kl
+from lmforge.objectives.distill import distill_trainer, kl_from_log_probs, load_distill_recipe, tempered_kl
+from lmforge.objectives.lm import lm_loss
 from lmforge.train.loop import Trainer
 from lmforge.train.recipe import load_recipe
 
@@ -74,8 +74,8 @@ def recipe_file(tmp_path: Path, data: Path, teacher: Path | str, *, model=None, 
     return p
 
 
-def trainer(recipe: Path, *overrides: str, resume: bool = False) -> DistillTrainer:
-    return DistillTrainer(*load_distill_recipe(recipe, list(overrides)), resume=resume)
+def trainer(recipe: Path, *overrides: str, resume: bool = False) -> Trainer:
+    return distill_trainer(*load_distill_recipe(recipe, list(overrides)), resume=resume)
 
 
 def records(run: Path) -> list[dict]:
@@ -162,9 +162,11 @@ def test_student_equal_to_its_teacher_has_zero_kl(tmp_path, data_dir, teacher_di
     # train.init_from = the teacher: the same weights, so the KL is 0; stop_kl then ends the run before any step.
     r = recipe_file(tmp_path, data_dir, teacher_dir, init_from=str(teacher_dir), distill={"stop_kl": 1e-6})
     t = trainer(r)
-    x, y = t.sampler.next_batch()
+    batch = t.task.next_batch()
+    x, y = batch["input_ids"], batch["labels"]
     with torch.no_grad():  # KL and hidden MSE are 0: only the LM term (weight 0.5) is left
-        assert t.compute_loss(x, y).item() == pytest.approx(0.5 * lm_loss(t.model(x), y).item(), rel=1e-6)
+        loss, _ = t.objective(t.model, batch)
+        assert loss.item() == pytest.approx(0.5 * lm_loss(t.model(x), y).item(), rel=1e-6)
     summary = t.run()
     assert summary["val_kl_start"] < 1e-6 and summary["stopped_by"] == "stop_kl" and summary["steps"] == 0
     assert summary["ppl_ratio"] == pytest.approx(1.0, abs=1e-6)
@@ -187,19 +189,20 @@ def test_resume_continues_exactly(tmp_path, data_dir, teacher_dir):
     whole = full_t.run()
     cut = recipe_file(tmp_path / "b", data_dir, teacher_dir, steps=8, distill=distill, ckpt_every=4)
     t = trainer(cut)
-    t.stop_reason(0, t.validate())  # what run() does at the start
+    t.stop_reason(t.validate())  # what run() does at the start
     for _ in range(4):
         t.train_step()
-    t.stop_reason(4, t.validate())  # what run() does at step 4
+    t.stop_reason(t.validate())  # what run() does at step 4
     t.save()  # the process "dies" here
     del t
     torch.manual_seed(1234)  # any global RNG state: resume must restore its own
     t = trainer(cut, resume=True)
-    assert t.best_kl is not None
+    (plateau,) = t.stop_rules
+    assert plateau.best is not None
     resumed = t.run()
     assert losses(tmp_path / "b" / "run")[-4:] == losses(tmp_path / "a" / "run")[-4:]
     assert resumed["val_kl"] == whole["val_kl"] and resumed["val_loss"] == whole["val_loss"]
-    assert (t.best_kl, t.evals_without_gain) == (full_t.best_kl, full_t.evals_without_gain)
+    assert plateau.state_dict() == full_t.stop_rules[0].state_dict()
     # another teacher is another run: refused
     assert main(["distill", str(cut), "--resume", "--distill.temperature=3"]) == 2
 

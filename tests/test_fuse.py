@@ -12,10 +12,10 @@ import torch
 
 from lmforge.cli import main
 from lmforge.errors import UserError
-from lmforge.io.checkpoints import build_model, export_hf, load
+from lmforge.io.checkpoints import export_hf, load, model_from_tensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import Transformer
-from lmforge.surgery.fuse import apply_hidden_map, count_params, drop_layers, fold_norm_gains, fuse, target_config
+from lmforge.surgery.fuse import apply_hidden_map, drop_layers, fold_norm_gains, fuse, param_count, target_config
 from lmforge.surgery.fuse_math import cluster, refit
 from lmforge.surgery.grow import grow
 from tests.families import BERT_ARCH, GPT2_ARCH
@@ -68,7 +68,7 @@ def test_same_size_is_identity(family, method):
     model, state = source(cfg)
     cfg2, state2, _ = fuse(cfg, state, IDS, method=method)
     assert cfg2 == cfg
-    assert torch.equal(build_model(cfg2, state2.items(), torch.float64)(IDS), model(IDS))
+    assert torch.equal(model_from_tensors(cfg2, state2.items(), torch.float64)(IDS), model(IDS))
 
 
 # (family, what to grow): every axis the family allows; GPT-2 / BERT keep head_dim = hidden / heads.
@@ -113,7 +113,7 @@ def test_fusing_exact_copies_recovers_the_source(family, sizes, ridge):
         cfg.num_layers,
     )
     # Fused weights are computed in float32: agreement to float32 rounding, measured ~1e-7.
-    assert rel_err(build_model(cfg_f, fused.items(), torch.float64)(IDS), model(IDS)) < 1e-5
+    assert rel_err(model_from_tensors(cfg_f, fused.items(), torch.float64)(IDS), model(IDS)) < 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -126,8 +126,8 @@ def test_fused_model_exports_and_loads_in_transformers(family, method, tmp_path)
     if family == "llama":
         sizes |= {"heads": 3, "kv_heads": 1}  # head_dim 8 kept, hidden 24 = 3 x 8
     cfg_f, fused, report = fuse(cfg, state, IDS, method=method, **sizes)
-    assert report["target_params"] == count_params(cfg_f) < report["source_params"]
-    model = build_model(cfg_f, fused.items(), torch.float32)
+    assert report["target_params"] == param_count(cfg_f) < report["source_params"]
+    model = model_from_tensors(cfg_f, fused.items(), torch.float32)
     export_hf(model, tmp_path / "hf")
     auto = (
         transformers.AutoModelForSequenceClassification
@@ -148,11 +148,11 @@ def test_fusion_beats_pruning_on_redundant_model():
     _, state = source(cfg)
     cfg_g, grown = grow(cfg, state, mode="clone", hidden=64, ffn=96, noise_snr_db=20.0, noise="plain")
     grown = dict(grown)
-    ref = build_model(cfg_g, grown.items(), torch.float64)(IDS)
+    ref = model_from_tensors(cfg_g, grown.items(), torch.float64)(IDS)
     errs = {}
     for method in ("fuse", "prune"):
         cfg_f, fused, _ = fuse(cfg_g, grown, IDS, hidden=32, ffn=48, method=method)
-        errs[method] = rel_err(build_model(cfg_f, fused.items(), torch.float64)(IDS), ref)
+        errs[method] = rel_err(model_from_tensors(cfg_f, fused.items(), torch.float64)(IDS), ref)
     assert errs["fuse"] < errs["prune"] / 3, errs
 
 
@@ -176,7 +176,7 @@ def test_folding_norm_gains_keeps_the_function(tied):
         torch.equal(folded[k], torch.ones_like(folded[k])) for k in folded if k.startswith("layers.") and "norm" in k
     )
     assert torch.equal(folded["norm.weight"], state["norm.weight"]) == tied  # a tied head keeps the final gain
-    assert rel_err(build_model(cfg, folded.items(), torch.float64)(IDS), model(IDS)) < 1e-12
+    assert rel_err(model_from_tensors(cfg, folded.items(), torch.float64)(IDS), model(IDS)) < 1e-12
 
 
 def test_a_rotation_of_the_stream_with_folded_gains_keeps_the_function():
@@ -187,7 +187,7 @@ def test_a_rotation_of_the_stream_with_folded_gains_keeps_the_function():
     q, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
     rotated = apply_hidden_map(fold_norm_gains(cfg, state), q)
     # RMSNorm takes its statistics in float32 (as HF does), so a rotated stream agrees to float32 rounding.
-    assert rel_err(build_model(cfg, rotated.items(), torch.float64)(IDS), model(IDS)) < 1e-6
+    assert rel_err(model_from_tensors(cfg, rotated.items(), torch.float64)(IDS), model(IDS)) < 1e-6
 
 
 def test_tied_final_gain_fit():
@@ -256,7 +256,7 @@ def test_drop_layers_keeps_the_most_influential():
     cfg_d, dropped, report = drop_layers(cfg_g, dict(grown), IDS, 3)
     assert cfg_d.num_layers == 3 and len(report["layer_groups"]) == 3
     model, _ = source(cfg)
-    assert rel_err(build_model(cfg_d, dropped.items(), torch.float64)(IDS), model(IDS)) < 1e-12
+    assert rel_err(model_from_tensors(cfg_d, dropped.items(), torch.float64)(IDS), model(IDS)) < 1e-12
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.io.gguf import read_gguf, smollm2_gguf_path
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import Transformer, lm_loss, rope_inv_freq
+from lmforge.model.transformer import Transformer, rope_inv_freq
+from lmforge.objectives.lm import lm_loss
 
 gguf = pytest.importorskip("gguf")
 

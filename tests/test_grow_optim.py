@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.io.checkpoints import build_model, load
+from lmforge.io.checkpoints import load, model_from_tensors
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import Transformer, lm_loss
+from lmforge.model.transformer import Transformer
+from lmforge.objectives.lm import lm_loss
 from lmforge.surgery.grow import grow
 from lmforge.surgery.grow_depth import layout
 from lmforge.surgery.grow_optim import (
@@ -121,7 +122,7 @@ def test_adamw_step_on_grown_moments_repeats_the_source_update(case):
     update_s = {n: p.detach() - decay * before_s[n] for n, p in model_s.named_parameters()}
 
     def grown_update(state) -> dict[str, torch.Tensor]:
-        model_t = build_model(cfg_t, weights_t.items(), torch.float64)
+        model_t = model_from_tensors(cfg_t, weights_t.items(), torch.float64)
         before_t = {n: p.detach().clone() for n, p in model_t.named_parameters()}
         opt_t = torch.optim.AdamW(model_t.parameters(), **HYPER)
         load_optimizer_state(opt_t, model_t, state)

@@ -11,7 +11,7 @@ import torch
 
 from lmforge.commands.grow import HELD_OUT_TEXT
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.io.checkpoints import build_model, load
+from lmforge.io.checkpoints import load, model_from_tensors
 from lmforge.io.gguf import smollm2_gguf_path
 from lmforge.io.hf_tensors import save_hf
 from lmforge.surgery.grow import check, grow
@@ -50,7 +50,7 @@ def test_grown_in_memory_is_exact(source, kw, shape):
     cfg_t, tensors = grow(src.config, src.state_dict(), mode="clone", **kw)
     got = (cfg_t.hidden_size, cfg_t.num_layers, cfg_t.num_heads, cfg_t.n_kv_heads, cfg_t.ffn_size)
     assert got == shape
-    _assert_exact(src, cfg_t, build_model(cfg_t, tensors), ids)
+    _assert_exact(src, cfg_t, model_from_tensors(cfg_t, tensors), ids)
 
 
 def test_2x_width_streamed_to_hf_is_exact_and_loads_in_transformers(source, tmp_path, monkeypatch):

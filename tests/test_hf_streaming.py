@@ -15,7 +15,7 @@ from safetensors import safe_open
 from lmforge.errors import UserError
 from lmforge.io.checkpoints import load, read_checkpoint, save_lmforge
 from lmforge.io.hf_tensors import save_hf
-from lmforge.io.safetensors_stream import HEADER_BYTES, ShardWriter, header_bound, stream_tensors
+from lmforge.io.safetensors_stream import HEADER_BYTES, SafetensorsWriter, header_bound, stream_tensors
 from lmforge.model.config import ModelConfig
 from lmforge.model.shapes import expected_shapes
 from lmforge.model.transformer import Transformer
@@ -87,7 +87,7 @@ def test_shard_writer_writes_what_safetensors_reads(tmp_path):
         "g.int": torch.arange(5),
         "h.view": torch.randn(6, 6, generator=g)[1:3, 2:],  # a strided view of a larger tensor
     }
-    with ShardWriter(tmp_path) as w:
+    with SafetensorsWriter(tmp_path) as w:
         for k, t in tensors.items():
             w.add(k, t)
         summary = w.close()
@@ -107,7 +107,7 @@ def test_shards_split_by_size_and_by_header_space(tmp_path):
     t = torch.ones(64)  # 256 bytes
     folder = tmp_path / "by_size"
     folder.mkdir()
-    with ShardWriter(folder, max_bytes=600) as w:  # two tensors per shard
+    with SafetensorsWriter(folder, max_bytes=600) as w:  # two tensors per shard
         for i in range(5):
             w.add(f"t{i}", t * i)
         assert w.close().files == 3
@@ -119,7 +119,7 @@ def test_shards_split_by_size_and_by_header_space(tmp_path):
     folder = tmp_path / "by_header"
     folder.mkdir()
     long_name = "x" * 500
-    with ShardWriter(folder, header_bytes=header_bound({"t0": (64,), "t1": (64,)})) as w:
+    with SafetensorsWriter(folder, header_bytes=header_bound({"t0": (64,), "t1": (64,)})) as w:
         for name in ("t0", "t1", "t2", "t3", long_name, "t4"):
             w.add(name, t)
         assert w.close().files >= 3
@@ -130,7 +130,7 @@ def test_shards_split_by_size_and_by_header_space(tmp_path):
         shards[path.name] = list(json.loads(header))[1:]  # after __metadata__
     assert [long_name] in shards.values()
     assert sorted(_written(folder)) == sorted(["t0", "t1", "t2", "t3", long_name, "t4"])
-    with pytest.raises(ValueError, match="twice"), ShardWriter(tmp_path) as w:
+    with pytest.raises(ValueError, match="twice"), SafetensorsWriter(tmp_path) as w:
         w.add("a", t)
         w.add("a", t)
 

@@ -8,7 +8,7 @@ import time
 from lmforge.data.tokens import build_dataset
 
 
-def _cmd_data(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     m = build_dataset(
         args.out,
@@ -67,4 +67,4 @@ def register(sub) -> None:
         help="split each split into files of N tokens (default: one file per split)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    p.set_defaults(func=_cmd_data)
+    p.set_defaults(func=run)

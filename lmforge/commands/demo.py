@@ -21,10 +21,10 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="experiment folder (default: the recipe's train.out_dir)")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run of the pipeline (numbers mean nothing)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier experiment in the folder")
-    p.set_defaults(func=_cli, accepts_overrides=True)
+    p.set_defaults(func=run, accepts_overrides=True)
 
 
-def _cli(args) -> int:
+def run(args) -> int:
     overrides = list(getattr(args, "overrides", None) or [])
     recipe, growth = load_growth_recipe(args.recipe, (QUICK_OVERRIDES if args.quick else []) + overrides)
     out = Path(args.out or recipe.train.out_dir)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from lmforge.objectives.distill import DistillTrainer, load_distill_recipe
-from lmforge.train import parallel
+from lmforge.objectives.distill import distill_trainer, load_distill_recipe
+from lmforge.train.loop import run_trainer
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -19,16 +19,12 @@ def register(sub) -> None:
     )
     p.add_argument("recipe", help="recipe YAML with a distill: section (see recipes/fuse-recover-cpu.yaml)")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
-    p.set_defaults(func=_cli, accepts_overrides=True)
+    p.set_defaults(func=run, accepts_overrides=True)
 
 
-def _cli(args) -> int:
+def run(args) -> int:
     recipe, distill = load_distill_recipe(args.recipe, args.overrides)
-    try:
-        trainer = DistillTrainer(recipe, distill, resume=args.resume)
-        summary = trainer.run()
-    finally:
-        parallel.teardown()
+    trainer, summary = run_trainer(lambda: distill_trainer(recipe, distill, resume=args.resume))
     if trainer.env.is_main:
         s = summary
         print(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -26,11 +25,14 @@ from tqdm import tqdm
 from lmforge.commands.grow import add_size_flags, size_args
 from lmforge.data.tokens import BatchSampler, TokenDataset, check_tokenizer_matches
 from lmforge.errors import UserError
-from lmforge.io.checkpoints import build_model, read_checkpoint, save_lmforge
+from lmforge.io.checkpoints import model_from_tensors, read_checkpoint, save_lmforge
 from lmforge.io.hf_tensors import save_hf
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import Transformer, lm_loss
-from lmforge.surgery.fuse import count_params, drop_layers, fuse, target_config
+from lmforge.model.shapes import param_count
+from lmforge.model.transformer import Transformer
+from lmforge.objectives.lm import LanguageModelling, perplexity
+from lmforge.surgery.fuse import drop_layers, fuse, target_config
+from lmforge.train.evaluate import ONE_PROCESS, Evaluator
 
 METHODS = ("fuse", "prune", "drop", "random")
 
@@ -115,16 +117,17 @@ def run(args: argparse.Namespace) -> int:
             for k, v in model.state_dict().items()
             if not (cfg_t.tie_embeddings and k == "lm_head.weight")
         }
-        report = {"method": "random", "source_params": count_params(cfg), "target_params": count_params(cfg_t)}
+        report = {"method": "random", "source_params": param_count(cfg), "target_params": param_count(cfg_t)}
     bar.close()
     report["seconds_surgery"] = round(time.perf_counter() - start, 2)
 
     if args.eval_batches and cfg.head == "lm":  # one-shot quality, before DST is written (a failure writes nothing)
         val = TokenDataset(args.data, "val").val_batches(args.eval_batches, 8, args.seq_len)
-        report["source_val_loss"] = evaluate(build_model(cfg, state.items()), val)
-        report["val_loss"] = evaluate(build_model(cfg_t, out.items()), val)
-        report["source_ppl"] = math.exp(report["source_val_loss"])
-        report["ppl"] = math.exp(report["val_loss"])
+        evaluator = Evaluator([{"input_ids": x, "labels": y} for x, y in val], 8, ONE_PROCESS, torch.float64)
+        report["source_val_loss"] = _val_loss(model_from_tensors(cfg, state.items()), evaluator)
+        report["val_loss"] = _val_loss(model_from_tensors(cfg_t, out.items()), evaluator)
+        report["source_ppl"] = perplexity(report["source_val_loss"])
+        report["ppl"] = perplexity(report["val_loss"])
         report["ppl_ratio"] = report["ppl"] / report["source_ppl"]
     del state
     save = save_hf if args.format == "hf" else save_lmforge
@@ -150,12 +153,10 @@ def _drop_depth(cfg: ModelConfig, sizes: dict) -> int:
     target's (at least 1); with only --layers given, that number."""
     if all(v is None for k, v in sizes.items() if k != "layers"):
         return sizes["layers"] or cfg.num_layers
-    goal = count_params(target_config(cfg, **sizes))
-    return min(range(1, cfg.num_layers + 1), key=lambda n: abs(count_params(cfg.replace(num_layers=n)) - goal))
+    goal = param_count(target_config(cfg, **sizes))
+    return min(range(1, cfg.num_layers + 1), key=lambda n: abs(param_count(cfg.replace(num_layers=n)) - goal))
 
 
-@torch.no_grad()
-def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean next-token loss over fixed validation batches."""
-    model.eval()
-    return sum(lm_loss(model(x), y).item() for x, y in batches) / len(batches)
+def _val_loss(model: Transformer, evaluator: Evaluator) -> float:
+    """Mean next-token loss over the fixed validation batches."""
+    return evaluator.run(lambda batch: LanguageModelling().val_metrics(model.eval(), batch))["val_loss"]

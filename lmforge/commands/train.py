@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lmforge.train import parallel
-from lmforge.train.loop import Trainer
+from lmforge.train.loop import Trainer, run_trainer
+from lmforge.train.recipe import load_recipe
 
 
 def register(sub) -> None:
@@ -14,18 +14,12 @@ def register(sub) -> None:
     )
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
-    p.set_defaults(func=_cli, accepts_overrides=True)
+    p.set_defaults(func=run, accepts_overrides=True)
 
 
-def _cli(args) -> int:
-    from lmforge.train.recipe import load_recipe
-
+def run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        trainer = Trainer(recipe, resume=args.resume)
-        summary = trainer.run()
-    finally:
-        parallel.teardown()
+    trainer, summary = run_trainer(lambda: Trainer(recipe, resume=args.resume))
     if trainer.env.is_main:
         print(
             f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} "

@@ -51,7 +51,7 @@ def _hf_encoder(tok) -> Callable[[Sequence[str]], list[list[int]]]:
     # only the builder inserts real separators.
     tok.encode_special_tokens = True
 
-    # encode_batch_fast (tokenizers >= 0.21) skips character offsets: about 1.7x faster.
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which a data builder never reads.
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
 
     def encode_batch(texts: Sequence[str]) -> list[list[int]]:
@@ -220,7 +220,7 @@ def gpt2_tokenizer() -> DataTokenizer:
 
 
 # ---- loading saved tokenizers --------------------------------------------------------------------
-def from_files(files: dict[str, bytes], source: str = "tokenizer files") -> DataTokenizer:
+def data_tokenizer_from_files(files: dict[str, bytes], source: str = "tokenizer files") -> DataTokenizer:
     """Rebuild a tokenizer from the files a dataset (or checkpoint) stores: tokenizer.json with the
     tokenizer_config.json / config.json that name its eos."""
     if "tokenizer.json" not in files:
@@ -262,4 +262,4 @@ def resolve_tokenizer(spec: str, train_texts: Sequence[str]) -> DataTokenizer:
     if spec == "gpt2":
         return gpt2_tokenizer()
     # The tokenizer.json bytes are kept exactly, so the dataset's hash matches the checkpoint's.
-    return from_files(read_tokenizer_files(spec), spec)
+    return data_tokenizer_from_files(read_tokenizer_files(spec), spec)

@@ -60,7 +60,7 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[list[i
     return order[n_val:], order[:n_val]
 
 
-class _ShardWriter:
+class TokenShardWriter:
     """Appends token arrays to <split>.bin, or to <split>_000.bin, ... of `shard_tokens` tokens each."""
 
     def __init__(self, folder: Path, split: str, dtype: str, shard_tokens: int | None):
@@ -90,7 +90,7 @@ class _ShardWriter:
         return self.shards
 
 
-def _tokenize_split(tok, texts: list[str], writer: _ShardWriter, desc: str) -> int:
+def _tokenize_split(tok, texts: list[str], writer: TokenShardWriter, desc: str) -> int:
     """Encode `texts` in parallel chunks, write each document then eos; returns the token count."""
     from tqdm import tqdm
 
@@ -137,7 +137,7 @@ def build_dataset(
 
         splits = {}
         for split, texts in (("train", train_texts), ("val", val_texts)):
-            writer = _ShardWriter(tmp, split, dtype, shard_tokens)
+            writer = TokenShardWriter(tmp, split, dtype, shard_tokens)
             tokens = _tokenize_split(tok, texts, writer, f"tokenizing {split}")
             splits[split] = {"documents": len(texts), "tokens": tokens, "shards": writer.finish()}
 

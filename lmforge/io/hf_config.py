@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
+from lmforge.io.safetensors_stream import read_headers, safetensors_files
 from lmforge.model.config import ModelConfig
-from lmforge.model.shapes import _SHAPE, FIXED_HEAD_DIM
+from lmforge.model.shapes import FAMILY_SWITCHES, FIXED_HEAD_DIM
 
 # Head models keep the base model under this attribute, so their tensor names carry it as a prefix.
 BASE_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "gpt2": "transformer.", "bert": "bert."}
@@ -185,7 +186,7 @@ def config_from_hf(hf_config: dict[str, Any], arch: str | None = None) -> ModelC
     hf = dict(hf_config)  # what is not popped below ends up in hf_extra
     if problem := _unsupported(hf, family):
         raise UserError(f"config.json: {problem} is not supported")
-    d: dict[str, Any] = {k: v for k, v in _SHAPE[family].items() if v != "any"}
+    d: dict[str, Any] = {k: v for k, v in FAMILY_SWITCHES[family].items() if v != "any"}
     for field, key, default, kind in _FIELDS[family]:
         if default is REQUIRED and hf.get(key) is None:
             raise UserError(f"config.json has no {key}")
@@ -247,8 +248,6 @@ def load_hf_config(folder: str | Path) -> ModelConfig:
         raise UserError(f"{path} is not a JSON object")
     cfg = config_from_hf(d)
     if cfg.family == "bert" and cfg.head == "none":  # a BertModel may or may not carry its pooler
-        from lmforge.io.safetensors_stream import read_headers, safetensors_files
-
         names = read_headers(safetensors_files(folder))
         cfg = cfg.replace(pooler=any(n.split("pooler.", 1)[0] in ("", "bert.") for n in names if "pooler." in n))
     return cfg
@@ -257,7 +256,7 @@ def load_hf_config(folder: str | Path) -> ModelConfig:
 def check_exportable(cfg: ModelConfig) -> str:
     if (cfg.family, cfg.head) not in ARCHITECTURES:
         raise UserError(f"cannot export a {cfg.family} model with a {cfg.head!r} head to Hugging Face form")
-    for key, want in _SHAPE[cfg.family].items():
+    for key, want in FAMILY_SWITCHES[cfg.family].items():
         if want != "any" and getattr(cfg, key) != want:
             raise UserError(f"cannot export as {cfg.family}: {key}={getattr(cfg, key)!r} but it needs {want!r}")
     if cfg.family == "llama" and cfg.qkv_bias != cfg.out_bias:

@@ -25,7 +25,7 @@ from lmforge.io.hf_config import ARCHITECTURES, BASE_PREFIX, LLAMA_LIKE, config_
 from lmforge.io.safetensors_stream import (
     FLOAT_DTYPES,
     SHARD_BYTES,
-    ShardWriter,
+    SafetensorsWriter,
     WriteSummary,
     header_bound,
     read_headers,
@@ -219,7 +219,7 @@ def save_hf(
     rule_of = {name: r for r in rules for name in r.lm}
     header = header_bound({_hf_name(r, arch, cfg.family): _hf_shape(r, shapes) for r in rules})
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        with ShardWriter(tmp, max_shard_bytes, header) as writer:
+        with SafetensorsWriter(tmp, max_shard_bytes, header) as writer:
             pending: dict[_Rule, dict[str, Tensor]] = {}  # GPT-2's fused c_attn waits for its q, k and v
             for name, t in check_tensors(cfg, tensors, "export"):
                 rule = rule_of[name]

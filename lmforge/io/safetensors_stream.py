@@ -176,7 +176,7 @@ def _write_all(f, data: memoryview) -> None:
         done += f.write(data[done:])
 
 
-class ShardWriter:
+class SafetensorsWriter:
     """Write tensors into safetensors shards of about `max_bytes` as they arrive, each tensor's bytes straight
     to the shard file: memory never holds a shard, and nothing is copied on the way.
 
@@ -185,10 +185,7 @@ class ShardWriter:
     complete. A shard ends when the next tensor would take it past max_bytes or its header past the reserved
     space (a tensor that fits neither alone gets a shard of its own). Use as a context manager, so that a
     failure closes the open file; `close()` finishes the last shard, names the files (model.safetensors, or
-    model-0000i-of-0000n.safetensors + model.safetensors.index.json) and returns what was written.
-
-    (Writing in a background thread while the caller makes the next tensor was measured: no faster on 2 busy
-    cores, where the growth's own torch threads already fill both.)"""
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json) and returns what was written."""
 
     def __init__(self, folder: Path, max_bytes: int = SHARD_BYTES, header_bytes: int = HEADER_BYTES):
         self.folder, self.max_bytes, self.header_bytes = Path(folder), max_bytes, header_bytes
@@ -201,7 +198,7 @@ class ShardWriter:
         self._offset = 0  # its data bytes so far
         self._names: set[str] = set()
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, *exc) -> None:

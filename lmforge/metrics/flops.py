@@ -75,31 +75,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     }
 
 
-def params_count(cfg: ModelConfig) -> int:
-    """Every parameter of Transformer(cfg), a tied embedding / LM head counted once."""
-    C, F = cfg.hidden_size, cfg.ffn_size
-    H, Hkv, D = cfg.num_heads, cfg.n_kv_heads, cfg.dim_head
-    norm = C if cfg.norm == "rmsnorm" else 2 * C  # LayerNorm has a bias
-    n = cfg.vocab_size * C  # token embedding
-    if cfg.position == "learned":
-        n += cfg.max_seq_len * C
-    n += cfg.type_vocab_size * C
-    n += norm if cfg.embed_norm else 0
-    attn, mlp = _layer_matmul_params(cfg)
-    layer = attn + mlp + 2 * norm
-    layer += (H * D + 2 * Hkv * D) if cfg.qkv_bias else 0
-    layer += C if cfg.out_bias else 0  # o_proj bias
-    layer += ((2 if cfg.mlp == "swiglu" else 1) * F + C) if cfg.mlp_bias else 0
-    n += cfg.num_layers * layer
-    n += norm if cfg.final_norm else 0
-    if cfg.head == "lm" and not cfg.tie_embeddings:
-        n += C * cfg.vocab_size
-    elif cfg.head == "classifier":
-        n += (C * C + C) if cfg.pooler else 0
-        n += C * cfg.num_labels + (cfg.num_labels if cfg.classifier_bias else 0)
-    return n
-
-
 # ---- device peaks ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DevicePeak:

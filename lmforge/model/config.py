@@ -123,7 +123,7 @@ class ModelConfig:
 
 # Small presets for the embedded default, tests and benchmarks; real models come from checkpoints.
 PRESETS: dict[str, ModelConfig] = {
-    # The shape of the throughput benchmark: ~5M parameters (issue 3).
+    # The shape of the throughput benchmark (bench/throughput.py): ~5M parameters.
     "llama-5m": ModelConfig(
         vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, ffn_size=688, max_seq_len=1024
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 
 from torch import Tensor
@@ -12,7 +13,7 @@ from lmforge.model.config import ModelConfig
 # GPT-2 and BERT have no head_dim field (hidden = heads x head_dim) and no grouped-query attention.
 FIXED_HEAD_DIM = ("gpt2", "bert")
 # The switches that make a family what it is: set on import, required on export ("any": free to vary).
-_LLAMA_SHAPE = dict(
+_LLAMA_SWITCHES = dict(
     norm="rmsnorm",
     norm_position="pre",
     position="rope",
@@ -25,7 +26,7 @@ _LLAMA_SHAPE = dict(
     sliding_window=None,
     classifier_bias=False,
 )
-_GELU_SHAPE = dict(
+_GELU_SWITCHES = dict(
     norm="layernorm",
     position="learned",
     mlp="gelu",
@@ -35,12 +36,12 @@ _GELU_SHAPE = dict(
     head_dim=None,
     sliding_window=None,
 )
-_SHAPE = {
-    "llama": _LLAMA_SHAPE,
-    "mistral": {**_LLAMA_SHAPE, "sliding_window": "any", "qkv_bias": False, "out_bias": False, "mlp_bias": False},
-    "qwen2": {**_LLAMA_SHAPE, "sliding_window": "any", "qkv_bias": True, "out_bias": False, "mlp_bias": False},
+FAMILY_SWITCHES = {
+    "llama": _LLAMA_SWITCHES,
+    "mistral": {**_LLAMA_SWITCHES, "sliding_window": "any", "qkv_bias": False, "out_bias": False, "mlp_bias": False},
+    "qwen2": {**_LLAMA_SWITCHES, "sliding_window": "any", "qkv_bias": True, "out_bias": False, "mlp_bias": False},
     "gpt2": {
-        **_GELU_SHAPE,
+        **_GELU_SWITCHES,
         "norm_position": "pre",
         "causal": True,
         "type_vocab_size": 0,
@@ -49,7 +50,7 @@ _SHAPE = {
         "pooler": False,
         "classifier_bias": False,
     },
-    "bert": {**_GELU_SHAPE, "norm_position": "post", "causal": False, "embed_norm": True, "final_norm": False},
+    "bert": {**_GELU_SWITCHES, "norm_position": "post", "causal": False, "embed_norm": True, "final_norm": False},
 }
 
 
@@ -99,6 +100,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     elif cfg.head == "classifier":
         linear("classifier", cfg.num_labels, C, cfg.classifier_bias)
     return shapes
+
+
+def param_count(cfg: ModelConfig) -> int:
+    """Every parameter of a model of `cfg`, a tied embedding / LM head counted once: the one parameter counter."""
+    return sum(math.prod(s) for s in expected_shapes(cfg).values())
 
 
 def check_tensors(

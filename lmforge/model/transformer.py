@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.shapes import param_count
 
 
 class RMSNorm(nn.Module):
@@ -218,13 +219,9 @@ class Transformer(nn.Module):
                 s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 nn.init.normal_(p, 0.0, s, generator=generator)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
-        if exclude_embeddings:
-            n -= self.embed.tok.weight.numel()
-            if self.embed.pos is not None:
-                n -= self.embed.pos.weight.numel()
-        return n
+    def num_params(self) -> int:
+        """Parameters, a tied embedding / LM head counted once (model/shapes.py's count, from the config)."""
+        return param_count(self.config)
 
     # ---- forward --------------------------------------------------------------------------------
     def _mask(self, T: int, start: int, attention_mask: Tensor | None, device) -> tuple[Tensor | None, bool]:
@@ -298,8 +295,3 @@ class Transformer(nn.Module):
         else:
             idx = torch.full((x.shape[0],), T - 1, device=x.device)
         return self.classifier(x[torch.arange(x.shape[0], device=x.device), idx])  # (B, num_labels)
-
-
-def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy; logits (B, T, V) and targets (B, T), already shifted."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)

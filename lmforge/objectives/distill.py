@@ -1,4 +1,4 @@
-"""`lmforge distill`: train a student against a teacher (recovery training of a fused model, issue 4).
+"""Distillation of a causal LM: a student trained against a frozen teacher (recovery training of a fused model).
 
 The student is a recipe's model (train.init_from: e.g. the fused model; or the model section: the same
 architecture from random init, the scratch baseline). The teacher (distill.teacher: an HF folder, an lmforge
@@ -13,8 +13,9 @@ at temperature 1 in nats per token, are logged on the same fixed validation batc
 val_kl <= distill.stop_kl, when val_kl has not improved by more than plateau_min_delta (relative) for
 plateau_patience evaluations, or when train.steps run out; the summary's "stopped_by" says which.
 
-The recipe is lmforge's (lmforge/recipe.py) plus a `distill:` section (DistillConfig), accepted by this command
-only; its keys are checked the same way and it is overridable as --distill.key=value.
+The recipe is lmforge's (train/recipe.py) plus a `distill:` section (DistillConfig), accepted by `lmforge distill`
+only; its keys are checked the same way and it is overridable as --distill.key=value. The loop is the one loop
+(train/loop.py): this module gives it an objective and two stop rules.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from lmforge.data.tokens import check_tokenizer_matches
 from lmforge.errors import UserError
 from lmforge.metrics.flops import flops_per_token
-from lmforge.model.transformer import lm_loss
-from lmforge.train import parallel
+from lmforge.objectives.base import Objective
+from lmforge.objectives.lm import lm_loss, perplexity
 from lmforge.train.loop import RESUMABLE_KEYS, Trainer
 from lmforge.train.recipe import Recipe, load_recipe_sections
+from lmforge.train.stop import Plateau, StopRule, Threshold
 
 # Rows of (rows, vocab) float32 temporaries the KL works on at once: 8M floats = 32 MB per temporary, whatever
 # the vocabulary (49152 for SmolLM2 gives 170 rows), instead of several copies of the whole (B*T, V) logits.
@@ -137,33 +138,27 @@ def kl_from_log_probs(student_logits: Tensor, teacher_log_probs: Tensor) -> Tens
     return total / s.shape[0]
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))  # a diverged run reads as a huge number, not an overflow
-
-
-# ---- the trainer --------------------------------------------------------------------------------
-class DistillTrainer(Trainer):
-    """Trainer whose loss is the distillation loss against `distill.teacher`, with val_kl / val_ppl evaluations
-    and the stop_kl / plateau conditions. Runs under DDP / FSDP2 like Trainer: the teacher is replicated on
+# ---- the objective --------------------------------------------------------------------------------
+class Distillation(Objective):
+    """The distillation loss against `config.teacher` on batches {"input_ids", "labels"}; validation logs the LM loss
+    (val_loss, val_ppl) and val_kl, the KL from the teacher at temperature 1 in nats per token, plus the teacher's
+    own val_loss / val_ppl in the first evaluation of each process. Under DDP / FSDP2 the teacher is replicated on
     every rank and runs on the rank's own rows."""
 
-    resumable_keys = RESUMABLE_KEYS + DISTILL_RESUMABLE_KEYS
+    def __init__(self, config: DistillConfig):
+        super().__init__()
+        self.config = config
+        self.teacher_val_loss: float | None = None
+        self._teacher_logged = False
 
-    def __init__(self, recipe: Recipe, distill: DistillConfig, resume: bool = False):
-        check_distill_config(distill, recipe.train.eval_every)
-        self.distill = distill
-        self.best_kl: float | None = None  # plateau tracking; restored on resume (extra_state)
-        self.evals_without_gain = 0
-        super().__init__(recipe, resume=resume)
-
-    # -- set-up: the teacher, checked before Trainer writes anything --
-    def prepare(self) -> None:
+    # -- set-up: the teacher, checked before the trainer writes anything --
+    def prepare(self, trainer) -> None:
         from lmforge.io.checkpoints import load
 
-        d, student_cfg, tc = self.distill, self.recipe.model, self.tc
+        d, student_cfg, tc, env = self.config, trainer.recipe.model, trainer.tc, trainer.env
         # fp32 on CPU; on a GPU with bf16 training the teacher is held in bf16 (inference only, half the memory).
-        dtype = torch.float32 if self.env.device.type == "cpu" else self.dtype
-        teacher = load(d.teacher, dtype=dtype, device=self.env.device)
+        dtype = torch.float32 if env.device.type == "cpu" else trainer.dtype
+        teacher = load(d.teacher, dtype=dtype, device=env.device)
         cfg = teacher.config
         if cfg.head != "lm":
             raise UserError(f"teacher {d.teacher} has a {cfg.head!r} head; distillation needs an LM head")
@@ -179,48 +174,37 @@ class DistillTrainer(Trainer):
             )
         if cfg.position == "learned" and tc.seq_len > cfg.max_seq_len:
             raise UserError(f"train.seq_len {tc.seq_len} exceeds the teacher's max_seq_len {cfg.max_seq_len}")
-        check_tokenizer_matches(self.train_data.manifest, cfg.vocab_size, getattr(teacher, "tokenizer_files", None))
+        trainer.task.check_model(teacher)
         teacher.requires_grad_(False)
-        self.teacher = teacher.eval()
+        # Not a submodule: a frozen teacher is neither trained, nor saved in checkpoints, nor moved with the objective.
+        object.__setattr__(self, "teacher", teacher.eval())
         self.teacher_flops = flops_per_token(cfg, tc.seq_len)["forward"]
         self.teacher_params = teacher.num_params()
-        self._teacher_val_pass()
+        self.student_params = trainer.model.num_params()
+        self._teacher_val_pass(trainer)
 
     @torch.no_grad()
-    def _teacher_logits(self, x: Tensor) -> Tensor:
-        with self._autocast():
-            return self.teacher(x)  # (B, T, V)
+    def _teacher_val_pass(self, trainer) -> None:
+        """The teacher's own validation loss (once), caching its log-probs in the validation micro-batches when they
+        fit TEACHER_CACHE_BYTES; otherwise val_metrics runs the teacher again at each evaluation."""
+        tc, env = trainer.tc, trainer.env
+        rows = len(range(env.rank, tc.batch_size, env.world))  # this rank's rows of a batch
+        cache = tc.eval_batches * rows * tc.seq_len * trainer.recipe.model.vocab_size * 4 <= TEACHER_CACHE_BYTES
 
-    @torch.no_grad()
-    def _teacher_val_pass(self) -> None:
-        """The teacher's own validation loss (once), caching its log-probs when they fit TEACHER_CACHE_BYTES."""
-        tc = self.tc
-        self.val_batches = self.val_data.val_batches(tc.eval_batches, tc.batch_size, tc.seq_len)
-        rows = len(range(self.env.rank, tc.batch_size, self.env.world))  # this rank's rows of a batch
-        need = tc.eval_batches * rows * tc.seq_len * self.recipe.model.vocab_size * 4
-        self.teacher_val_cache: list[Tensor] | None = [] if need <= TEACHER_CACHE_BYTES else None
-        total = torch.zeros((), device=self.env.device)
-        for x, y in self.val_batches:
-            x, y = self._rank_slice(x), self._rank_slice(y)
-            for i in range(0, x.shape[0], self.micro):
-                logits = self._teacher_logits(x[i : i + self.micro])  # (b, T, V)
-                total += lm_loss(logits, y[i : i + self.micro]) * (logits.shape[0] / x.shape[0])
-                if self.teacher_val_cache is not None:
-                    self.teacher_val_cache.append(F.log_softmax(logits.float(), dim=-1))
-        self.teacher_val_loss = parallel.all_reduce_mean(total / len(self.val_batches)).item()
-        self._teacher_logged = False
+        def teacher_loss(mb: dict[str, Tensor]) -> dict[str, Tensor]:
+            with trainer.autocast():
+                logits = self.teacher(mb["input_ids"])  # (b, T, V)
+            if cache:
+                mb["teacher_log_probs"] = F.log_softmax(logits.float(), dim=-1)
+            return {"loss": lm_loss(logits, mb["labels"])}
 
-    def _teacher_val_log_probs(self, index: int, x: Tensor) -> Tensor:
-        """Teacher log-probs (b, T, V) of the index-th validation micro-batch x."""
-        if self.teacher_val_cache is not None:
-            return self.teacher_val_cache[index]
-        return F.log_softmax(self._teacher_logits(x).float(), dim=-1)
+        self.teacher_val_loss = trainer.evaluator.run(teacher_loss)["loss"]
 
     # -- what is trained --
-    def compute_loss(self, xs: Tensor, ys: Tensor) -> Tensor:
-        d = self.distill
+    def forward(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        d, xs = self.config, batch["input_ids"]
         hidden = d.hidden_mse_weight > 0
-        s_out = self.wrapped(xs, return_states=hidden)
+        s_out = model(xs, return_states=hidden)
         s_logits, s_states = s_out if hidden else (s_out, None)  # (B, T, V), {"hidden": [(B, T, C), ...]}
         loss = torch.zeros((), device=s_logits.device)
         if d.kl_weight > 0 or hidden:  # an LM-loss-only run needs no teacher
@@ -230,79 +214,64 @@ class DistillTrainer(Trainer):
         if d.kl_weight > 0:
             loss = loss + d.kl_weight * tempered_kl(s_logits, t_logits, d.temperature)
         if d.lm_weight > 0:
-            loss = loss + d.lm_weight * lm_loss(s_logits, ys)
+            loss = loss + d.lm_weight * lm_loss(s_logits, batch["labels"])
         if hidden:  # the last layer's output (B, T, C), before the final norm
             loss = loss + d.hidden_mse_weight * F.mse_loss(
                 s_states["hidden"][-1].float(), t_states["hidden"][-1].float()
             )
-        return loss
+        return loss, {}
 
-    # -- evaluation and stopping --
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Validation LM loss (as Trainer.evaluate), its perplexity, and the KL from the teacher at T = 1."""
-        self.wrapped.eval()
-        lm_total = torch.zeros((), device=self.env.device)
-        kl_total = torch.zeros((), device=self.env.device)
-        index = 0
-        for x, y in self.val_batches:
-            x, y = self._rank_slice(x), self._rank_slice(y)
-            for i in range(0, x.shape[0], self.micro):
-                xs = x[i : i + self.micro]
-                with self._autocast():
-                    logits = self.wrapped(xs)  # (b, T, V)
-                share = xs.shape[0] / x.shape[0]
-                lm_total += lm_loss(logits, y[i : i + self.micro]) * share
-                kl_total += kl_from_log_probs(logits, self._teacher_val_log_probs(index, xs)) * share
-                index += 1
-        self.wrapped.train()
-        val_loss = parallel.all_reduce_mean(lm_total / len(self.val_batches)).item()
-        val_kl = parallel.all_reduce_mean(kl_total / len(self.val_batches)).item()
-        val = {"val_loss": val_loss, "val_ppl": perplexity(val_loss), "val_kl": val_kl}
+    # -- evaluation --
+    def val_metrics(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        logits = model(batch["input_ids"])  # (b, T, V)
+        teacher_lp = batch.get("teacher_log_probs")
+        if teacher_lp is None:
+            teacher_lp = F.log_softmax(self.teacher(batch["input_ids"]).float(), dim=-1)
+        return {"val_loss": lm_loss(logits, batch["labels"]), "val_kl": kl_from_log_probs(logits, teacher_lp)}
+
+    def finish_validation(self, values: dict[str, float]) -> dict[str, float]:
+        val = {"val_loss": values["val_loss"], "val_ppl": perplexity(values["val_loss"]), "val_kl": values["val_kl"]}
         if not self._teacher_logged:  # the teacher's own numbers, once per process: the reference for val_ppl
             self._teacher_logged = True
             val.update(teacher_val_loss=self.teacher_val_loss, teacher_val_ppl=perplexity(self.teacher_val_loss))
         return val
 
-    def stop_reason(self, step: int, val: dict[str, float] | None) -> str | None:
-        if val is None:
-            return None
-        d, kl = self.distill, val["val_kl"]
-        if d.stop_kl > 0 and kl <= d.stop_kl:
-            return "stop_kl"
-        if d.plateau_patience > 0:
-            if self.best_kl is None or kl < self.best_kl * (1 - d.plateau_min_delta):
-                self.best_kl, self.evals_without_gain = kl, 0
-            else:
-                self.evals_without_gain += 1
-                if self.evals_without_gain >= d.plateau_patience:
-                    return "plateau"
-        return None
-
-    # -- checkpoints and summary --
-    def run_config(self) -> dict:
-        return {**self.recipe.to_dict(), "distill": dataclasses.asdict(self.distill)}
-
-    def extra_state(self) -> dict:
-        return {"best_kl": self.best_kl, "evals_without_gain": self.evals_without_gain}
-
-    def load_extra_state(self, extra: dict) -> None:
-        self.best_kl = extra.get("best_kl")
-        self.evals_without_gain = int(extra.get("evals_without_gain", 0))
-
-    def summary_extra(self, val_start: dict[str, float], val_end: dict[str, float]) -> dict:
+    def summary(self, val_start: dict[str, float], val_end: dict[str, float], tokens: int) -> dict:
         teacher_ppl = perplexity(self.teacher_val_loss)
         return {
             "val_ppl_start": val_start["val_ppl"],
             "val_ppl": val_end["val_ppl"],
             "val_kl_start": val_start["val_kl"],
             "val_kl": val_end["val_kl"],
-            "teacher": self.distill.teacher,
+            "teacher": self.config.teacher,
             "teacher_params": self.teacher_params,
-            "student_params": self.model.num_params(),
+            "student_params": self.student_params,
             "teacher_val_loss": self.teacher_val_loss,
             "teacher_val_ppl": teacher_ppl,
             "ppl_ratio": val_end["val_ppl"] / teacher_ppl,
             # The teacher's forward passes on the training tokens, on top of the student's training FLOPs.
-            "teacher_flops": self.step * self.tc.batch_size * self.tc.seq_len * self.teacher_flops,
+            "teacher_flops": tokens * self.teacher_flops,
         }
+
+
+def stop_rules(d: DistillConfig) -> tuple[StopRule, ...]:
+    """distill.stop_kl and distill.plateau_* as stop rules on val_kl, in that order."""
+    rules: list[StopRule] = []
+    if d.stop_kl > 0:
+        rules.append(Threshold("val_kl", d.stop_kl, name="stop_kl"))
+    if d.plateau_patience > 0:
+        rules.append(Plateau("val_kl", d.plateau_patience, d.plateau_min_delta))
+    return tuple(rules)
+
+
+def distill_trainer(recipe: Recipe, d: DistillConfig, resume: bool = False) -> Trainer:
+    """The one loop set up to distil recipe's student from d.teacher."""
+    check_distill_config(d, recipe.train.eval_every)
+    return Trainer(
+        recipe,
+        objective=Distillation(d),
+        stop_rules=stop_rules(d),
+        resume=resume,
+        sections={"distill": dataclasses.asdict(d)},
+        resumable_keys=RESUMABLE_KEYS + DISTILL_RESUMABLE_KEYS,
+    )

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from lmforge.errors import UserError
 from lmforge.model.config import ModelConfig
-from lmforge.model.shapes import FIXED_HEAD_DIM, expected_shapes
+from lmforge.model.shapes import FIXED_HEAD_DIM, expected_shapes, param_count
 from lmforge.model.transformer import Attention, Transformer
 from lmforge.surgery.fuse_calib import Calibration, calibrate, head_outputs
 from lmforge.surgery.fuse_math import Group, cluster, correlation, equal_groups, match, refit
@@ -105,10 +105,6 @@ def target_config(
     )
 
 
-def count_params(cfg: ModelConfig) -> int:
-    return sum(math.prod(s) for s in expected_shapes(cfg).values())
-
-
 # ---- entry point ---------------------------------------------------------------------------------------------------
 def fuse(
     cfg: ModelConfig,
@@ -134,7 +130,7 @@ def fuse(
     model = _build(cfg, sd)
     say(f"calibrating on {calib_ids.numel():,} tokens")
     calib = calibrate(model, calib_ids)
-    report: dict = {"method": method, "source_params": count_params(cfg), "target_params": count_params(tgt)}
+    report: dict = {"method": method, "source_params": param_count(cfg), "target_params": param_count(tgt)}
 
     # Stage 1: dimensions, every layer in the source's hidden basis, then the hidden map.
     width = cfg.replace(
@@ -174,9 +170,9 @@ def fuse(
 
 
 def _build(cfg: ModelConfig, sd: Mapping[str, Tensor]) -> Transformer:
-    from lmforge.io.checkpoints import build_model
+    from lmforge.io.checkpoints import model_from_tensors
 
-    return build_model(cfg, ((k, sd[k]) for k in expected_shapes(cfg)))
+    return model_from_tensors(cfg, ((k, sd[k]) for k in expected_shapes(cfg)))
 
 
 def _top(importance: Tensor, k: int) -> list[Group]:
@@ -456,7 +452,7 @@ def drop_layers(
     keep = sorted(sorted(range(cfg.num_layers), key=lambda i: -influence[i])[:layers])
     tgt = cfg.replace(num_layers=layers)
     out = select_layers(sd, keep)
-    report = {"method": "drop", "source_params": count_params(cfg), "target_params": count_params(tgt)}
+    report = {"method": "drop", "source_params": param_count(cfg), "target_params": param_count(tgt)}
     return tgt, {k: out[k] for k in expected_shapes(tgt)}, {**report, "layer_groups": [[i] for i in keep]}
 
 

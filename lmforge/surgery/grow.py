@@ -23,8 +23,7 @@ sqrt(k d_s / d_t) (below), readers of k residual copies by 1/k, readers of c cop
 factor, a LayerNorm pad (a mean) and cancelling noise are rounded to the stored precision. In a bfloat16 / float16
 checkpoint, depth growth and widening by 2x or 4x copies are therefore exact; a NON-integer widening (e.g. 576 ->
 864: gains x sqrt(2/3)), zero-mode widening (gains x sqrt(d_s / d_t)), 3x copies and noise are exact only up to
-that rounding: SmolLM2-135M in bfloat16 grown to 1.5x width measured a 9.6e-3 max relative logit error (float32:
-1.3e-6; bench/RESULTS.md), tiny random models 4e-5 .. 2.4e-3. Grow a float32 copy where that matters;
+that rounding (docs/growth.md gives the errors measured on SmolLM2-135M). Grow a float32 copy where that matters;
 `exactness(..., dtype)` says which case a growth is in.
 
 Residual stream. clone: x -> [x, x, ..., pad] with k = floor(d_t / d_s) copies; zero: [x, pad]. The pad
@@ -60,7 +59,8 @@ from torch import Tensor
 from lmforge.errors import UserError
 from lmforge.model.config import ModelConfig
 from lmforge.model.shapes import FIXED_HEAD_DIM, expected_shapes
-from lmforge.model.transformer import Transformer, lm_loss
+from lmforge.model.transformer import Transformer
+from lmforge.objectives.lm import lm_loss
 from lmforge.surgery.grow_depth import DEPTHS, ZEROED, PostNormPlan, layout, post_norm_plan
 from lmforge.surgery.grow_width import (
     Axis,
@@ -160,8 +160,8 @@ def exactness(
 
     dtype: the dtype the grown tensors are stored in (None: float32 or wider). In bfloat16 / float16 a growth that
     multiplies stored values by a factor other than a power of two is exact only up to their rounding: non-integer
-    widening (norm gains x sqrt(k d_s / d_t); SmolLM2-135M bfloat16 grown 576 -> 864 measured a 9.6e-3 max relative
-    logit error, 1.3e-6 in float32), zero-mode widening (gains x sqrt(d_s / d_t)), 3x copies, symmetry noise. Depth
+    widening (norm gains x sqrt(k d_s / d_t)), zero-mode widening (gains x sqrt(d_s / d_t)), 3x copies, symmetry
+    noise. Depth
     growth and widening by 2x / 4x copies are exact in any dtype."""
     notes = []
     if depth == "stack" and cfg_t.num_layers > cfg_s.num_layers:
@@ -210,7 +210,7 @@ def _rounded_in_16_bit(cfg_s: ModelConfig, cfg_t: ModelConfig, mode: str, noise:
 
 # ---- the tensor map ------------------------------------------------------------------------------------------------
 # What each tensor does along the widened axes (layer names without the "layers.{i}." prefix).
-_KINDS = {
+TENSOR_KINDS = {
     "embed.tok.weight": "embed",
     "embed.pos.weight": "embed",
     "embed.token_type.weight": "embed",
@@ -237,7 +237,7 @@ _KINDS = {
 _NORMS = ("embed.norm", "attn_norm", "mlp_norm", "norm")
 
 
-def _layer_suffix(name: str) -> tuple[int | None, str]:
+def layer_suffix(name: str) -> tuple[int | None, str]:
     """ "layers.3.attn.q_proj.weight" -> (3, "attn.q_proj.weight"); top-level names -> (None, name)."""
     if name.startswith("layers."):
         _, i, rest = name.split(".", 2)
@@ -245,11 +245,11 @@ def _layer_suffix(name: str) -> tuple[int | None, str]:
     return None, name
 
 
-def _is_norm(suffix: str) -> bool:
+def is_norm(suffix: str) -> bool:
     return suffix.rsplit(".", 1)[0] in _NORMS
 
 
-class _Growth:
+class GrowthMap:
     """The map from source to target tensors for one (source config, target config, options)."""
 
     def __init__(
@@ -350,14 +350,14 @@ class _Growth:
         return torch.Generator().manual_seed(self.seed * 0x9E3779B1 % 2**61 + zlib.crc32(tname.encode()))
 
     def _make(self, tname: str, sname: str, t: Tensor) -> Tensor:
-        layer, suffix = _layer_suffix(tname)
+        layer, suffix = layer_suffix(tname)
         if layer in self.new_layers and suffix in ZEROED:
             return torch.zeros(self.shapes_t[tname], dtype=t.dtype)
         x = t.detach()
-        if _is_norm(suffix):
+        if is_norm(suffix):
             out = self._norm(tname, x)
         else:
-            kind = "head" if tname == "lm_head.weight" else _KINDS[_layer_suffix(sname)[1]]
+            kind = "head" if tname == "lm_head.weight" else TENSOR_KINDS[layer_suffix(sname)[1]]
             out = self._weight(kind, x, self._generator(tname))
         assert tuple(out.shape) == self.shapes_t[tname], tname
         out = out.to(t.dtype)
@@ -439,7 +439,7 @@ def grow(
     if noise_snr_db is not None and mode != "clone":
         raise UserError("noise is for clone mode: zero mode's new weights are random already")
     cfg_t = target_config(cfg, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers, mode=mode)
-    growth = _Growth(cfg, cfg_t, mode, depth, noise_snr_db, noise, seed)
+    growth = GrowthMap(cfg, cfg_t, mode, depth, noise_snr_db, noise, seed)
     return cfg_t, growth.stream(src)
 
 
@@ -448,9 +448,9 @@ def _as_model(cfg: ModelConfig, model: Transformer | Mapping[str, Tensor], dtype
     if isinstance(model, Transformer):
         first = next(model.parameters())
         return (model if first.dtype == dtype else copy.deepcopy(model).to(dtype)).eval()
-    from lmforge.io.checkpoints import build_model
+    from lmforge.io.checkpoints import model_from_tensors
 
-    return build_model(cfg, model.items(), dtype).eval()
+    return model_from_tensors(cfg, model.items(), dtype).eval()
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from lmforge.errors import UserError
 from lmforge.model.config import ModelConfig
-from lmforge.surgery.grow import _KINDS, _Growth, _is_norm, _layer_suffix, target_config
+from lmforge.surgery.grow import TENSOR_KINDS, GrowthMap, is_norm, layer_suffix, target_config
 from lmforge.surgery.grow_depth import DEPTHS
 from lmforge.surgery.grow_width import Axis, Spec, grow_tensor
 
@@ -54,9 +54,9 @@ MOMENTS = ("exp_avg", "exp_avg_sq")  # torch.optim.AdamW's names for m and v
 
 
 # ---- the map ---------------------------------------------------------------------------------------------------
-def _kind_axes(g: _Growth, kind: str) -> tuple[tuple[Axis, bool] | None, tuple[Axis, bool] | None]:
+def _kind_axes(g: GrowthMap, kind: str) -> tuple[tuple[Axis, bool] | None, tuple[Axis, bool] | None]:
     """(rows, cols) of a tensor kind as (axis, writes): a written axis divides the moments by its copy count,
-    a read one keeps them (grow.py's _Growth._weight divides the *weights* of read axes instead)."""
+    a read one keeps them (grow.py's GrowthMap._weight divides the *weights* of read axes instead)."""
     h = g.h
     return {
         "embed": (None, (h, True)),
@@ -87,22 +87,22 @@ class _MomentMap:
     """The moments' version of grow.py's tensor map, for one (source config, target config, mode, depth)."""
 
     def __init__(self, cfg_s: ModelConfig, cfg_t: ModelConfig, mode: str, depth: str):
-        self.g = _Growth(cfg_s, cfg_t, mode, depth, None, "cancel", 0)
+        self.g = GrowthMap(cfg_s, cfg_t, mode, depth, None, "cancel", 0)
         self.source_of = {t: s for s, targets in self.g.by_source.items() for t in targets}
 
     def grow(self, tname: str, t: Tensor, power: int) -> Tensor:
         """The target moment `tname` from the source moment t: power 1 for m, 2 for v."""
         g = self.g
         sname = self.source_of[tname]
-        layer, suffix = _layer_suffix(tname)
+        layer, suffix = layer_suffix(tname)
         prefix, leaf = tname.rsplit(".", 1)
         moved = prefix in g.post.moved  # a post-norm LayerNorm that took over another one's affine
         if not moved and (layer in g.new_layers or prefix in g.post.plain):
             return torch.zeros(g.shapes_t[tname], dtype=t.dtype)
-        if _is_norm(suffix):
+        if is_norm(suffix):
             out = self._norm(prefix, leaf, t, power)
         else:
-            kind = "head" if tname == "lm_head.weight" else _KINDS[_layer_suffix(sname)[1]]
+            kind = "head" if tname == "lm_head.weight" else TENSOR_KINDS[layer_suffix(sname)[1]]
             out = self._weight(kind, t, power)
         assert tuple(out.shape) == g.shapes_t[tname], tname
         return out

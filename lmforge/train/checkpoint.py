@@ -177,14 +177,18 @@ def save_checkpoint(
     config: dict,
     keep_last: int = 0,
     extra: dict | None = None,
+    objective_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write run_dir/checkpoints/step_{step:06d}/ atomically, point `latest` at it, then keep only the
     newest `keep_last` checkpoints (0: keep all). `config` (the resolved run config, JSON-able) is
-    checked against the current one on resume; `extra` holds JSON-able counters (tokens, flops...).
+    checked against the current one on resume; `extra` holds JSON-able counters (tokens, flops...);
+    `objective_state` the tensors an objective learns besides the model (kept in train_state.pt).
     Returns the checkpoint folder. Call on rank 0 only."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     train_state = {"scheduler": scheduler_state, "sampler": sampler_state, "rng": rng_state}
+    if objective_state:
+        train_state["objective"] = objective_state
     _check_plain(optimizer_state, "optimizer_state")
     _check_plain(train_state, "train_state")
     tensors, aliases = _dedup(model_state)
@@ -305,7 +309,8 @@ def load_checkpoint(
     """Read a checkpoint folder, or a run folder's latest one, onto the CPU.
 
     Returns {"path", "step", "config", "extra", "model" (state dict, tied names restored as one
-    tensor), "optimizer", "scheduler", "sampler", "rng"}; "optimizer" is None without load_optimizer.
+    tensor), "optimizer", "scheduler", "sampler", "rng", "objective" (None if it learned nothing)}; "optimizer" is
+    None without load_optimizer.
     With expected_config, a saved config that differs (outside `ignore`) is a UserError naming the key."""
     ckpt = resolve_checkpoint(path)
     meta = _read_state_json(ckpt)
@@ -349,4 +354,5 @@ def load_checkpoint(
         "scheduler": train_state.get("scheduler"),
         "sampler": train_state.get("sampler"),
         "rng": train_state.get("rng"),
+        "objective": train_state.get("objective"),
     }

@@ -1,38 +1,42 @@
 """The one training loop: a laptop CPU, one GPU, or many GPUs under torchrun (DDP / FSDP2).
 
-    recipe -> data, model (random or init_from), optimizer, schedule
-    for step: accumulate micro-batches -> clip -> AdamW step -> log / eval / checkpoint
-    -> final validation loss, samples, HF export, metrics.jsonl
+    recipe, task, objective, stop rules -> model (random or train.init_from), optimizer, schedule
+    for step: accumulate micro-batches -> clip -> AdamW step -> log / evaluate / stop? / checkpoint
+    -> final evaluation, checkpoint, samples, HF export, metrics.jsonl, summary
 
-A subclass changes what is trained without copying the loop (lmforge/distill.py does): `prepare` (its own
-set-up, before anything is written), `compute_loss` (one micro-batch), `validate` (the evaluation's
-metrics), `stop_reason` (end before the step budget), `run_config` / `extra_state` (what a checkpoint
-records and a resume restores) and `summary_extra`.
-
-Every rank draws the same global batch and keeps its slice of it, so N ranks compute exactly
-what one process computes with the same global batch (tested on 2 CPU ranks with gloo).
+What is trained is not the loop's business: a task (train/task.py) says what a batch is, an objective
+(objectives/base.py) turns a batch into a loss and metrics, the evaluator (train/evaluate.py) averages the
+objective's validation metrics, and stop rules (train/stop.py) may end the run before train.steps. The loop keeps
+what it guarantees once for all of them: exact resume (model, optimizer, objective, schedule, data position, stop
+rules, RNG), N ranks computing what one process computes with the same global batch (tested on 2 CPU ranks with
+gloo), atomic checkpoints, the metrics log and the FLOPs count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from lmforge.data.tokens import BatchSampler, TokenDataset, check_tokenizer_matches
 from lmforge.errors import UserError
 from lmforge.metrics import runinfo
 from lmforge.metrics.flops import flops_per_token, mfu
 from lmforge.metrics.log import MetricsLogger, Throughput
 from lmforge.model.generate import sample_text
-from lmforge.model.transformer import Transformer, lm_loss
+from lmforge.model.transformer import Transformer
+from lmforge.objectives.base import Objective
+from lmforge.objectives.lm import LanguageModelling
 from lmforge.train import checkpoint, parallel
+from lmforge.train.evaluate import Evaluator, micro_batches, rows_of_rank
 from lmforge.train.optim import lr_factor, make_optimizer
 from lmforge.train.recipe import Recipe, TrainConfig
+from lmforge.train.stop import StopRule
+from lmforge.train.task import TokenWindows
 
 
 # ---- set-up helpers -----------------------------------------------------------------------------
@@ -61,15 +65,16 @@ def _micro_batch(tc: TrainConfig, world: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def build_model(recipe: Recipe) -> tuple[Transformer, Recipe]:
-    """Random init from recipe.model, or the checkpoint named by train.init_from."""
+def model_for_recipe(recipe: Recipe, head: str = "lm") -> tuple[Transformer, Recipe]:
+    """Random init from recipe.model, or the checkpoint named by train.init_from (whose config replaces the model
+    section); `head` is the head the task trains."""
     tc = recipe.train
     if tc.init_from:
         from lmforge.io.checkpoints import load
 
         model = load(tc.init_from)
-        if model.config.head != "lm":
-            raise UserError(f"{tc.init_from} has a {model.config.head!r} head; pre-training needs an LM head")
+        if model.config.head != head:
+            raise UserError(f"{tc.init_from} has a {model.config.head!r} head; this task trains a {head!r} head")
         recipe = replace(recipe, model=model.config)
     else:
         model = Transformer(recipe.model)
@@ -96,21 +101,31 @@ RESUMABLE_KEYS = (
 
 # ---- the loop ------------------------------------------------------------------------------------
 class Trainer:
-    resumable_keys: tuple[str, ...] = RESUMABLE_KEYS
+    """Train recipe's model on `task` (default: token windows of recipe.data.path) for `objective` (default:
+    language modelling), until train.steps or the first of `stop_rules` that fires. `sections` are config sections
+    beyond the recipe's own (e.g. {"distill": {...}}): recorded in every checkpoint and checked on resume, except
+    for `resumable_keys`, which a resumed run may change."""
 
-    def __init__(self, recipe: Recipe, resume: bool = False):
+    def __init__(
+        self,
+        recipe: Recipe,
+        task=None,
+        objective: Objective | None = None,
+        stop_rules: tuple[StopRule, ...] = (),
+        resume: bool = False,
+        sections: dict | None = None,
+        resumable_keys: tuple[str, ...] = RESUMABLE_KEYS,
+    ):
         self.env = env = parallel.setup(recipe.train.device)
         tc = recipe.train
         self.out = Path(tc.out_dir)
         torch.manual_seed(tc.seed)
 
-        self.train_data = TokenDataset(recipe.data.path, "train")
-        self.val_data = TokenDataset(recipe.data.path, "val")
-        model, recipe = build_model(recipe)
-        check_tokenizer_matches(
-            self.train_data.manifest, model.config.vocab_size, getattr(model, "tokenizer_files", None)
-        )
+        self.task = task = task if task is not None else TokenWindows(recipe.data.path, tc)
+        model, recipe = model_for_recipe(recipe, task.head)
+        task.check_model(model)
         self.recipe, self.tc, self.oc = recipe, tc, recipe.optim
+        self.sections, self.resumable_keys = dict(sections or {}), resumable_keys
         self.micro, self.accum = _micro_batch(tc, env.world)
         self.dtype = _precision(tc, env.device)
         self.mode = parallel.resolve_mode(tc.parallel, env.world)
@@ -126,11 +141,13 @@ class Trainer:
                 model.compile()
         fsdp_dtype = self.dtype if self.mode == "fsdp" and self.dtype != torch.float32 else None
         self.wrapped = parallel.parallelize(model, self.mode, env, param_dtype=fsdp_dtype)
-        self.optimizer = make_optimizer(model, self.oc, fused=env.device.type == "cuda")
+        self.objective = objective = (objective if objective is not None else LanguageModelling()).to(env.device)
+        self.optimizer = make_optimizer(model, self.oc, fused=env.device.type == "cuda", extra=objective)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.oc, tc.steps))
-        self.sampler = BatchSampler(self.train_data, tc.batch_size, tc.seq_len, tc.seed)
+        self.evaluator = Evaluator(task.val_batches(), self.micro, env)
+        self.stop_rules = tuple(stop_rules)
         self.step = 0
-        self.prepare()
+        objective.prepare(self)
         if resume:
             self._resume()
         elif self.out.exists() and any(self.out.iterdir()):
@@ -142,88 +159,63 @@ class Trainer:
             self.out, env.rank, total_steps=tc.steps, log_every=tc.log_every, start_step=self.step, device=env.device
         )
 
-    # -- hooks for subclasses --
-    def prepare(self) -> None:
-        """A subclass's own set-up and checks: the model exists, nothing has been written yet."""
-
     def run_config(self) -> dict:
         """The config a checkpoint records and a resume must match (outside `resumable_keys`)."""
-        return self.recipe.to_dict()
-
-    def extra_state(self) -> dict:
-        """JSON-able state beyond model / optimizer / data that a resume must restore."""
-        return {}
-
-    def load_extra_state(self, extra: dict) -> None:
-        """Restore what extra_state() returned, on resume."""
-
-    def compute_loss(self, xs: Tensor, ys: Tensor) -> Tensor:
-        """The loss of one micro-batch xs, ys (B_micro, T) on this rank (the caller averages over accumulation)."""
-        return lm_loss(self.wrapped(xs), ys)
-
-    def validate(self) -> dict[str, float]:
-        """The metrics of one evaluation, logged to metrics.jsonl; "val_loss" is required."""
-        return {"val_loss": self.evaluate()}
-
-    def stop_reason(self, step: int, val: dict[str, float] | None) -> str | None:
-        """Why to end training now, after `step` (val: this step's evaluation, None if there was none);
-        None: go on until train.steps. Must give the same answer on every rank (val is all-reduced)."""
-        return None
-
-    def summary_extra(self, val_start: dict[str, float], val_end: dict[str, float]) -> dict:
-        """Keys a subclass adds to run()'s summary."""
-        return {}
+        return {**self.recipe.to_dict(), **self.sections}
 
     # -- one optimizer step over the global batch --
-    def _autocast(self):
+    def autocast(self):
         if self.dtype == torch.float32 or self.mode == "fsdp":  # FSDP casts parameters itself
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.dtype)
 
-    def _rank_slice(self, x: Tensor) -> Tensor:
-        return x[self.env.rank :: self.env.world].to(self.env.device, non_blocking=True)
-
-    def train_step(self) -> tuple[float, float]:
-        x, y = self.sampler.next_batch()  # (B_global, T) on every rank
-        x, y = self._rank_slice(x), self._rank_slice(y)  # (B_global / world, T)
-        loss_sum = torch.zeros((), device=self.env.device)
-        for i in range(self.accum):
-            xs, ys = x[i * self.micro : (i + 1) * self.micro], y[i * self.micro : (i + 1) * self.micro]
-            last = i == self.accum - 1
+    def train_step(self) -> tuple[float, float, dict[str, float]]:
+        """One optimizer step: (mean loss, grad norm, the objective's training metrics averaged likewise)."""
+        env = self.env
+        batch = rows_of_rank(self.task.next_batch(), env.rank, env.world, env.device)  # (B_global / world, ...)
+        loss_sum = torch.zeros((), device=env.device)
+        metric_sums: dict[str, Tensor] = {}
+        parts = micro_batches(batch, self.micro)
+        for i, mb in enumerate(parts):
+            last = i == len(parts) - 1
             sync = contextlib.nullcontext() if last or self.mode != "ddp" else self.wrapped.no_sync()
             if self.mode == "fsdp":
                 self.wrapped.set_requires_gradient_sync(last)
-            with sync, self._autocast():
-                loss = self.compute_loss(xs, ys) / self.accum
+            with sync, self.autocast():
+                loss, metrics = self.objective(self.wrapped, mb)
+                loss = loss / self.accum
             loss.backward()
             loss_sum += loss.detach()
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value.detach() / self.accum
         gnorm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return parallel.all_reduce_mean(loss_sum).item(), gnorm
+        metrics = {name: parallel.all_reduce_mean(v).item() for name, v in metric_sums.items()}
+        return parallel.all_reduce_mean(loss_sum).item(), gnorm, metrics
 
     def _clip(self) -> float:
         max_norm = self.oc.grad_clip if self.oc.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        params = [*self.model.parameters(), *self.objective.parameters()]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
             norm = norm.full_tensor()
         return norm.item()
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
+    def validate(self) -> dict[str, float]:
+        """The objective's validation metrics averaged over the task's validation batches (all ranks)."""
         self.wrapped.eval()
-        total = torch.zeros((), device=self.env.device)
-        batches = self.val_data.val_batches(self.tc.eval_batches, self.tc.batch_size, self.tc.seq_len)
-        for x, y in batches:
-            x, y = self._rank_slice(x), self._rank_slice(y)
-            for i in range(0, x.shape[0], self.micro):
-                with self._autocast():
-                    loss = lm_loss(self.wrapped(x[i : i + self.micro]), y[i : i + self.micro])
-                total += loss * (x[i : i + self.micro].shape[0] / x.shape[0])
+        with self.autocast():
+            values = self.evaluator.run(lambda mb: self.objective.val_metrics(self.wrapped, mb))
         self.wrapped.train()
-        return parallel.all_reduce_mean(total / len(batches)).item()
+        return self.objective.finish_validation(values)
+
+    def stop_reason(self, val: dict[str, float] | None) -> str | None:
+        """The name of the first stop rule that fires after this step (val: its evaluation, None if none)."""
+        flops = self.step * self.task.tokens_per_step * self.flops["total"]
+        return next((rule.name for rule in self.stop_rules if rule(self.step, flops, val)), None)
 
     # -- checkpoints --
     def _state(self) -> tuple[dict, dict]:
@@ -242,17 +234,19 @@ class Trainer:
     def save(self) -> None:
         model_state, optim_state = self._state()  # collective under FSDP: every rank calls it
         if self.env.is_main:
+            objective_state = {k: v.cpu() for k, v in self.objective.state_dict().items()}
             checkpoint.save_checkpoint(
                 self.out,
                 self.step,
                 model_state=model_state,
                 optimizer_state=optim_state,
                 scheduler_state=self.scheduler.state_dict(),
-                sampler_state=self.sampler.state_dict(),
+                sampler_state=self.task.state_dict(),
                 rng_state=checkpoint.rng_state(),
                 config=self.run_config(),
                 keep_last=self.tc.keep_last,
-                extra=self.extra_state(),
+                extra={"stop_rules": {rule.name: rule.state_dict() for rule in self.stop_rules}},
+                objective_state=objective_state or None,
             )
         parallel.barrier()
 
@@ -266,32 +260,36 @@ class Trainer:
         state = checkpoint.load_checkpoint(self.out, expected_config=self.run_config(), ignore=self.resumable_keys)
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=opts)
+        if state["objective"] is not None:
+            self.objective.load_state_dict(state["objective"])
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.task.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
-        self.load_extra_state(state["extra"])
+        saved_rules = state["extra"].get("stop_rules", {})
+        for rule in self.stop_rules:
+            rule.load_state_dict(saved_rules.get(rule.name, {}))
 
     # -- the run --
     def _log_eval(self, val: dict[str, float]) -> None:
-        tokens = self.step * self.tc.batch_size * self.tc.seq_len
+        tokens = self.step * self.task.tokens_per_step
         self.log.log_eval(self.step, tokens, tokens * self.flops["total"], **val)
 
     def run(self) -> dict:
-        """Train until train.steps or until stop_reason() says otherwise; the summary's "stopped_by" says which
-        ("budget" when the steps ran out)."""
+        """Train until train.steps or until a stop rule fires; the summary's "stopped_by" names the rule ("budget"
+        when the steps ran out)."""
         tc, env = self.tc, self.env
-        tokens_per_step = tc.batch_size * tc.seq_len
+        tokens_per_step = self.task.tokens_per_step
         val0 = self.validate()
         self._log_eval(val0)
         # A fresh run may already meet its goal; a resumed one judged its last evaluation before the save.
-        stopped_by = self.stop_reason(self.step, val0) if self.step == 0 else None
+        stopped_by = self.stop_reason(val0) if self.step == 0 else None
         val = val0 if stopped_by is not None else None  # the evaluation of the step training ended at, if any
         timer = Throughput()
         while stopped_by is None and self.step < tc.steps:
             t0 = time.perf_counter()
-            loss, gnorm = self.train_step()
+            loss, gnorm, step_metrics = self.train_step()
             timer.update(tokens_per_step, time.perf_counter() - t0)
             tokens = self.step * tokens_per_step
             self.log.log_step(
@@ -303,12 +301,13 @@ class Trainer:
                 grad_norm=gnorm,
                 tokens_per_s=timer.tokens_per_s,
                 mfu=mfu(self.flops["total"], timer.tokens_per_s, env.device, self.dtype, env.world),
+                **step_metrics,
             )
             val = None
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                 val = self.validate()
                 self._log_eval(val)
-            stopped_by = self.stop_reason(self.step, val)
+            stopped_by = self.stop_reason(val)
             if stopped_by is None and tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                 self.save()
         if stopped_by is None or val is None:
@@ -326,7 +325,7 @@ class Trainer:
             "stopped_by": stopped_by or "budget",
             "samples": samples,
             "out_dir": str(self.out),
-            **self.summary_extra(val0, val),
+            **self.objective.summary(val0, val, tokens),
         }
         self.log.close()
         return summary
@@ -339,7 +338,7 @@ class Trainer:
         final = Transformer(self.recipe.model)
         final.load_state_dict(model_state)
         final.eval()
-        tok_files = self.train_data.tokenizer_files
+        tok_files = self.task.tokenizer_files
         final.tokenizer_files = tok_files
         samples = sample_text(final, tok_files, self.tc.sample_prompts, self.tc.sample_tokens, self.tc.seed)
         for prompt, text in zip(self.tc.sample_prompts, samples):
@@ -349,3 +348,14 @@ class Trainer:
 
             export_hf(final, self.out / "final", overwrite=True)
         return samples
+
+
+def run_trainer(make: Callable[[], Trainer]) -> tuple[Trainer, dict]:
+    """Build a trainer with make(), run it, and leave the process group whatever happens: how every command and
+    experiment trains. Returns (trainer, summary)."""
+    try:
+        trainer = make()
+        summary = trainer.run()
+    finally:
+        parallel.teardown()
+    return trainer, summary

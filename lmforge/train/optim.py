@@ -10,15 +10,21 @@ from torch import nn
 from lmforge.train.recipe import OptimConfig
 
 
-# ---- optimizer and schedule ---------------------------------------------------------------------
-def make_optimizer(model: nn.Module, oc: OptimConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms, biases or embedding tables)."""
+def _decay_groups(module: nn.Module, oc: OptimConfig) -> list[dict]:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, oc: OptimConfig, fused: bool, extra: nn.Module | None = None) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters and, in groups of their own, `extra`'s (an objective's learned
+    parameters); weight decay on matrices only (not on norms, biases or embedding tables)."""
+    groups = _decay_groups(model, oc)
+    if extra is not None:
+        groups += [g for g in _decay_groups(extra, oc) if g["params"]]
     return torch.optim.AdamW(groups, lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps, fused=fused)
 
 

@@ -105,10 +105,6 @@ def parallelize(model: nn.Module, mode: str, env: DistEnv, param_dtype: torch.dt
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Average a scalar tensor over ranks (identity in one process)."""
     if dist.is_initialized():

@@ -12,7 +12,6 @@ The resolved recipe (after overrides) is saved in every run folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,38 +128,7 @@ def _parse_override(arg: str) -> tuple[list[str], Any]:
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read a recipe YAML (or start from defaults when path is None) and apply --a.b=c overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"recipe {path} does not exist") from None
-        except (OSError, yaml.YAMLError) as e:
-            raise UserError(f"cannot read recipe {path}: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"recipe {path} must be a mapping of sections")
-    unknown = sorted(set(raw) - {"model", *SECTIONS})
-    if unknown:
-        raise UserError(f"unknown recipe section {unknown[0]!r} (known: model, data, optim, train)")
-    for k in ("model", *SECTIONS):
-        if not isinstance(raw.get(k) or {}, dict):
-            raise UserError(f"recipe section {k} must be a mapping, got {raw[k]!r}")
-    sections = {k: dict(raw.get(k) or {}) for k in ("model", *SECTIONS)}
-    for arg in overrides:
-        (section, key), value = _parse_override(arg)
-        if section not in sections:
-            raise UserError(f"unknown recipe section {section!r} in {arg!r}")
-        sections[section][key] = value
-
-    model_values = sections["model"]
-    if sections["train"].get("init_from") and model_values:
-        raise UserError("give either a model section or train.init_from (its config comes from the checkpoint)")
-    preset = model_values.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
-        raise UserError(f"unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
-    base = PRESETS[preset] if preset else ModelConfig()
-    model = build_section("model", ModelConfig, model_values, base)
-    return Recipe(model=model, **{name: build_section(name, cls, sections[name]) for name, cls in SECTIONS.items()})
+    return load_recipe_sections(path, overrides)[0]
 
 
 def load_recipe_sections(
@@ -169,10 +137,9 @@ def load_recipe_sections(
     extra_sections: dict[str, type] | None = None,
     default_text: str | None = None,
 ) -> tuple[Recipe, dict[str, Any]]:
-    """(recipe, {section: dataclass}) for a command with sections of its own beyond model/data/optim/train
-    (extra_sections, e.g. {"distill": DistillConfig}), from a YAML file (path None: `default_text`) and --a.b=c
-    overrides. The standard sections go through load_recipe, so they are checked as there; an extra section by
-    build_section."""
+    """(recipe, {section: dataclass}): the one recipe loader. The YAML file at `path` (None: `default_text`, or the
+    defaults) with --section.key=value overrides applied; a command with sections of its own beyond model / data /
+    optim / train passes them as extra_sections (e.g. {"distill": DistillConfig}), checked like the others."""
     extra_sections = extra_sections or {}
     where = f"recipe {path}" if path is not None else "the default recipe"
     raw: dict[str, Any] = {}
@@ -192,18 +159,20 @@ def load_recipe_sections(
     for k in known:
         if not isinstance(raw.get(k) or {}, dict):
             raise UserError(f"recipe section {k} must be a mapping, got {raw[k]!r}")
-    extra_values = {name: dict(raw.pop(name, None) or {}) for name in extra_sections}
-    rest = []
+    sections = {k: dict(raw.get(k) or {}) for k in known}
     for arg in overrides:
-        section = arg[2:].split(".", 1)[0] if arg.startswith("--") else ""
-        if section not in extra_values:
-            rest.append(arg)
-            continue
-        key, sep, value = arg[len(section) + 3 :].partition("=")
-        if not sep or not key or "." in key:
-            raise UserError(f"override {arg!r} must look like --{section}.key=value")
-        extra_values[section][key] = yaml.safe_load(value) if value != "" else ""
-    # The standard sections travel as overrides (JSON is YAML), so load_recipe checks them as it always does.
-    as_overrides = [f"--{s}.{k}={json.dumps(v)}" for s, values in raw.items() for k, v in (values or {}).items()]
-    recipe = load_recipe(None, as_overrides + rest)
-    return recipe, {name: build_section(name, cls, extra_values[name]) for name, cls in extra_sections.items()}
+        (section, key), value = _parse_override(arg)
+        if section not in sections:
+            raise UserError(f"unknown recipe section {section!r} in {arg!r}")
+        sections[section][key] = value
+
+    model_values = sections["model"]
+    if sections["train"].get("init_from") and model_values:
+        raise UserError("give either a model section or train.init_from (its config comes from the checkpoint)")
+    preset = model_values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown model preset {preset!r} (known: {', '.join(PRESETS)})")
+    base = PRESETS[preset] if preset else ModelConfig()
+    model = build_section("model", ModelConfig, model_values, base)
+    recipe = Recipe(model=model, **{name: build_section(name, cls, sections[name]) for name, cls in SECTIONS.items()})
+    return recipe, {name: build_section(name, cls, sections[name]) for name, cls in extra_sections.items()}
