@@ -3,7 +3,7 @@
     python bench/grow_surgery.py [--repeats N] [--cpus 0,1] [--cache DIR] [--no-check] [--quick]
                                  [--root DIR] [--baseline DIR]
 
-The source is SmolLM2-135M-Instruct (lmforge.gguf.smollm2_gguf_path, Q4_1 dequantised) converted once with
+The source is SmolLM2-135M-Instruct (lmforge.io.gguf.smollm2_gguf_path, Q4_1 dequantised) converted once with
 `lmforge convert --dtype bfloat16` (HF SmolLM2's own dtype) and `--dtype float32` into a cache folder. Each
 case runs `python -m lmforge.cli grow SRC --out DST ...` as a child process pinned to --cpus (default: two
 cores) and measures its wall time, CPU time and peak memory (the child's max RSS from wait4) against the

@@ -1,6 +1,6 @@
 """The architecture fields of each model family, for the tiny configs the tests build:
 ModelConfig(**GPT2_ARCH, vocab_size=..., hidden_size=..., ...). Sizes stay with each test; they differ on purpose.
-The family's fixed switches come from the HF importer's own table (lmforge.hf_config.FAMILY_SWITCHES); only the choices a
+The family's fixed switches come from the HF importer's own table (lmforge.model.shapes.FAMILY_SWITCHES); only the choices a
 family leaves free are set here."""
 
 from lmforge.model.shapes import FAMILY_SWITCHES

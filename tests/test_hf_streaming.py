@@ -1,4 +1,4 @@
-"""Streaming safetensors I/O (lmforge.hf): shapes derived from the config, the shard writer that writes each
+"""Streaming safetensors I/O (lmforge.io.safetensors_stream, lmforge.model.shapes): shapes derived from the config, the shard writer that writes each
 tensor straight to disk and fills the header in at the end, and reads that never map the source."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ the grown run changes: the grown model is already trained, so it takes a short w
 trained to the end of its schedule a lower peak lr than a from-scratch run: docs/growth.md) and, with
 growth.optimizer_state, the grown run's AdamW moments carried from the source. The source trains with
 `growth.source_optim` on another data order (train.seed + 1), so the grown run does not replay it. FLOPs are
-training FLOPs (6N per token plus attention, lmforge.metrics); validation passes are not counted. "FLOPs to target"
+training FLOPs (6N per token plus attention, metrics/flops.py); validation passes are not counted. "FLOPs to target"
 interpolates the validation curve linearly against cumulative FLOPs at the first evaluation at or below the scratch
 run's final validation loss. The saving is reported without and with the source's own training FLOPs; a grown run
 that never gets there has no saving (null), not a guess.
@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.model.config import ModelConfig
 from lmforge.train.recipe import OptimConfig, Recipe, build_section, load_recipe_sections
 
 # The embedded default: a 2-layer, 128-wide source grown to 4 layers of 256 (2x width, 2x depth) on the starter
@@ -136,8 +137,8 @@ def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | 
     return None
 
 
-def _val_points(rows: list[dict], x: str = "flops") -> list[tuple[float, float]]:
-    return [(r[x], r["val_loss"]) for r in rows if r.get("val_loss") is not None and r.get(x) is not None]
+def _val_points(rows: list[dict], x: str = "flops", metric: str = "val_loss") -> list[tuple[float, float]]:
+    return [(r[x], r[metric]) for r in rows if r.get(metric) is not None and r.get(x) is not None]
 
 
 def ensure_data(recipe: Recipe, growth: GrowthConfig) -> Path:
@@ -193,43 +194,30 @@ def _train(recipe: Recipe, moments: dict | None = None) -> dict:
     return {**summary, "seconds": time.perf_counter() - t0, "params": trainer.model.num_params()}
 
 
-def run_experiment(recipe: Recipe, growth: GrowthConfig, out: Path, overwrite: bool = False) -> dict:
-    """Source, growth, grown and scratch runs in `out`; writes report.md, result.json and two plots. Returns the
-    result (see the module docstring for what is counted)."""
-    from lmforge.data.tokens import TokenDataset, check_tokenizer_matches
-    from lmforge.io.checkpoints import save_lmforge
-    from lmforge.metrics.flops import flops_per_token
-    from lmforge.metrics.report import read_metrics
-    from lmforge.surgery.grow import exactness, grow, target_config
-    from lmforge.surgery.grow_optim import (
-        OPTIMIZER_STATE_FILE,
-        grow_optimizer_state,
-        optimizer_state_bytes,
-        read_training_checkpoint,
-    )
+def check_growth(recipe: Recipe, growth: GrowthConfig) -> tuple[ModelConfig, ModelConfig, dict]:
+    """(source config, target config, grow() keywords); a growth that grows nothing or has bad options is a
+    UserError, raised before anything is trained or written."""
+    from lmforge.surgery.grow import grow, target_config
 
-    t_start = time.perf_counter()
-    tc = recipe.train
-    if tc.init_from:
+    if recipe.train.init_from:
         raise UserError("train.init_from has no place in a growth recipe: the model section is the source")
     cfg_s = recipe.model
     grow_kw = dict(**growth.sizes(), noise_snr_db=growth.noise_snr_db, noise=growth.noise, seed=growth.seed)
     cfg_t = target_config(cfg_s, **{k: v for k, v in growth.sizes().items() if k != "depth"})
     if cfg_t == cfg_s:
         raise UserError("the growth section grows nothing: give a larger hidden, ffn, heads, kv_heads or layers")
-    grow(cfg_s, iter(()), **grow_kw)  # checks the options before anything is trained or written
-    data = ensure_data(recipe, growth)
-    check_tokenizer_matches(TokenDataset(data, "train").manifest, cfg_s.vocab_size)  # before anything is written
-    _prepare_out(out, overwrite)
-    (out / "recipe.yaml").write_text(
-        yaml.safe_dump({**recipe.to_dict(), "growth": dataclasses.asdict(growth)}, sort_keys=False)
-    )
-    src_steps = growth.source_steps or tc.steps
-    recipes = {
+    grow(cfg_s, iter(()), **grow_kw)  # checks the options
+    return cfg_s, cfg_t, grow_kw
+
+
+def run_recipes(recipe: Recipe, growth: GrowthConfig, cfg_t: ModelConfig, out: Path) -> dict[str, Recipe]:
+    """The recipes of the three runs, each in its sub-folder of `out` (the grown run starts from out/grown-init)."""
+    tc = recipe.train
+    return {
         "source": replace(
             recipe,
             optim=replace(recipe.optim, **growth.source_optim),
-            train=replace(tc, steps=src_steps, seed=tc.seed + 1, out_dir=str(out / "source")),
+            train=replace(tc, steps=growth.source_steps or tc.steps, seed=tc.seed + 1, out_dir=str(out / "source")),
         ),
         "grown": replace(
             recipe,
@@ -239,26 +227,60 @@ def run_experiment(recipe: Recipe, growth: GrowthConfig, out: Path, overwrite: b
         "scratch": replace(recipe, model=cfg_t, train=replace(tc, out_dir=str(out / "scratch"))),
     }
 
-    def banner(text: str) -> None:
-        print(f"\n== {text} ==", flush=True)
 
-    banner(f"1/4 source: {cfg_s.num_layers} x {cfg_s.hidden_size}, {src_steps} steps")
-    summaries = {"source": _train(recipes["source"])}
+def grow_source(source_run: Path, growth: GrowthConfig, grow_kw: dict, data: Path, dest: Path) -> dict | None:
+    """Grow the final checkpoint of the source run into `dest` (lmforge form, with the data's tokenizer); returns
+    the grown AdamW moments when growth.optimizer_state, else None."""
+    from lmforge.data.tokens import TokenDataset
+    from lmforge.io.checkpoints import save_lmforge
+    from lmforge.surgery.grow import exactness, grow
+    from lmforge.surgery.grow_optim import (
+        OPTIMIZER_STATE_FILE,
+        grow_optimizer_state,
+        optimizer_state_bytes,
+        read_training_checkpoint,
+    )
 
-    banner(f"2/4 grow: {cfg_s.num_layers} x {cfg_s.hidden_size} -> {cfg_t.num_layers} x {cfg_t.hidden_size}")
-    src = read_training_checkpoint(out / "source")
+    src = read_training_checkpoint(source_run)
     cfg_g, tensors = grow(src.config, src.model_state, **grow_kw)
     side = TokenDataset(data, "train").tokenizer_files
     moments = None
     if growth.optimizer_state:
         _, moments = grow_optimizer_state(src.config, src.optimizer_state, **growth.sizes())
         side = {**side, OPTIMIZER_STATE_FILE: optimizer_state_bytes(moments, src.step)}
-    save_lmforge(cfg_g, tensors, out / "grown-init", side)
+    save_lmforge(cfg_g, tensors, dest, side)
     noise = growth.noise if growth.noise_snr_db is not None else None
     dtype = next(iter(src.model_state.values())).dtype  # what the grown tensors are stored in
-    print(
-        f"grown model in {out / 'grown-init'}: {exactness(src.config, cfg_g, growth.mode, growth.depth, noise, dtype)}"
+    print(f"grown model in {dest}: {exactness(src.config, cfg_g, growth.mode, growth.depth, noise, dtype)}")
+    return moments
+
+
+def run_experiment(recipe: Recipe, growth: GrowthConfig, out: Path, overwrite: bool = False) -> dict:
+    """Source, growth, grown and scratch runs in `out`; writes report.md, result.json and two plots. Returns the
+    result (see the module docstring for what is counted)."""
+    from lmforge.data.tokens import TokenDataset, check_tokenizer_matches
+    from lmforge.metrics.flops import flops_per_token
+    from lmforge.metrics.report import read_metrics
+
+    t_start = time.perf_counter()
+    tc = recipe.train
+    cfg_s, cfg_t, grow_kw = check_growth(recipe, growth)
+    data = ensure_data(recipe, growth)
+    check_tokenizer_matches(TokenDataset(data, "train").manifest, cfg_s.vocab_size)  # before anything is written
+    _prepare_out(out, overwrite)
+    (out / "recipe.yaml").write_text(
+        yaml.safe_dump({**recipe.to_dict(), "growth": dataclasses.asdict(growth)}, sort_keys=False)
     )
+    recipes = run_recipes(recipe, growth, cfg_t, out)
+
+    def banner(text: str) -> None:
+        print(f"\n== {text} ==", flush=True)
+
+    banner(f"1/4 source: {cfg_s.num_layers} x {cfg_s.hidden_size}, {recipes['source'].train.steps} steps")
+    summaries = {"source": _train(recipes["source"])}
+
+    banner(f"2/4 grow: {cfg_s.num_layers} x {cfg_s.hidden_size} -> {cfg_t.num_layers} x {cfg_t.hidden_size}")
+    moments = grow_source(out / "source", growth, grow_kw, data, out / "grown-init")
 
     banner(f"3/4 grown: {cfg_t.num_layers} x {cfg_t.hidden_size} from the source, {tc.steps} steps")
     summaries["grown"] = _train(recipes["grown"], moments)

@@ -4,9 +4,9 @@ Three forms are read, and all three stream tensor by tensor (`read_checkpoint`):
 
 - a Hugging Face folder: config.json + model.safetensors (or shards + model.safetensors.index.json);
 - an lmforge folder: lmforge.json (= ModelConfig.to_dict(), hf_extra included) + model.safetensors
-  (or shards + index, as above) holding tensors under lmforge's own names (see lmforge/model.py); a tied
+  (or shards + index, as above) holding tensors under lmforge's own names (see lmforge/model/transformer.py); a tied
   lm_head.weight is not stored (it is embed.tok.weight). `save` writes it;
-- a llama.cpp .gguf file (lmforge.gguf.read_gguf).
+- a llama.cpp .gguf file (lmforge.io.gguf.read_gguf).
 
 Tokenizer files found beside the weights (tokenizer.json, vocab.txt, merges.txt, ..., and
 generation_config.json) travel along: `load` attaches them as `model.tokenizer_files` and

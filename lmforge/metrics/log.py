@@ -163,7 +163,7 @@ class MetricsLogger:
             parts.append(f"loss {rec['loss']:.3f}")
         if rec.get("val_loss") is not None:
             parts.append(f"val_loss {rec['val_loss']:.3f}")
-        if rec.get("val_ppl") is not None:  # distillation's evaluations (lmforge/distill.py)
+        if rec.get("val_ppl") is not None:  # distillation's evaluations (objectives/distill.py)
             parts.append(f"val_ppl {rec['val_ppl']:.2f}")
         if rec.get("val_kl") is not None:
             parts.append(f"val_kl {rec['val_kl']:.4f}")

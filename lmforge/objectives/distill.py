@@ -148,6 +148,7 @@ class Distillation(Objective):
     def __init__(self, config: DistillConfig):
         super().__init__()
         self.config = config
+        self.teacher_runs = config.kl_weight > 0 or config.hidden_mse_weight > 0  # an LM-loss-only run needs none
         self.teacher_val_loss: float | None = None
         self._teacher_logged = False
 
@@ -207,7 +208,7 @@ class Distillation(Objective):
         s_out = model(xs, return_states=hidden)
         s_logits, s_states = s_out if hidden else (s_out, None)  # (B, T, V), {"hidden": [(B, T, C), ...]}
         loss = torch.zeros((), device=s_logits.device)
-        if d.kl_weight > 0 or hidden:  # an LM-loss-only run needs no teacher
+        if self.teacher_runs:
             with torch.no_grad():
                 t_out = self.teacher(xs, return_states=hidden)
             t_logits, t_states = t_out if hidden else (t_out, None)
@@ -249,8 +250,9 @@ class Distillation(Objective):
             "teacher_val_loss": self.teacher_val_loss,
             "teacher_val_ppl": teacher_ppl,
             "ppl_ratio": val_end["val_ppl"] / teacher_ppl,
-            # The teacher's forward passes on the training tokens, on top of the student's training FLOPs.
-            "teacher_flops": tokens * self.teacher_flops,
+            # The teacher's forward passes on the training tokens, on top of the student's training FLOPs (none when
+            # the loss needs no teacher: an LM-loss-only run).
+            "teacher_flops": tokens * self.teacher_flops if self.teacher_runs else 0.0,
         }
 
 

@@ -2,7 +2,7 @@
 
 `grow(cfg, src, hidden=..., layers=...)` -> (target config, iterator of (name, tensor)). It is pure and
 streaming: every target tensor is a function of ONE source tensor (plus the config and a per-name random
-seed), so `src` may be a dict, a lazy mapping, or the iterator `lmforge.api.read_checkpoint` returns, and
+seed), so `src` may be a dict, a lazy mapping, or the iterator `lmforge.io.checkpoints.read_checkpoint` returns, and
 the output is produced tensor by tensor in the source's order: memory stays near one tensor.
 
 What is exact (max relative logit error at float rounding; `check` measures it):
@@ -427,7 +427,7 @@ def grow(
     """Grow a model: (target config, iterator of (lmforge name, tensor)), one tensor at a time.
 
     src: lmforge-named tensors of a `cfg` model: a dict, a lazy mapping, or an iterator of (name, tensor)
-    pairs (e.g. from lmforge.api.read_checkpoint). Sizes left None follow `target_config`'s defaults.
+    pairs (e.g. from lmforge.io.checkpoints.read_checkpoint). Sizes left None follow `target_config`'s defaults.
     mode: "clone" (duplicate) or "zero" (pad); depth: "interleave" | "top" | "bottom" | "stack" (G_stack, not
     function preserving); noise_snr_db: symmetry-breaking noise (clone mode), noise: "cancel" | "plain".
     Options and sizes are checked before the first tensor is read; the output follows the source's order and

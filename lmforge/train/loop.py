@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmforge.errors import UserError
 from lmforge.metrics import runinfo
@@ -143,8 +143,14 @@ class Trainer:
         self.wrapped = parallel.parallelize(model, self.mode, env, param_dtype=fsdp_dtype)
         self.objective = objective = (objective if objective is not None else LanguageModelling()).to(env.device)
         self.optimizer = make_optimizer(model, self.oc, fused=env.device.type == "cuda", extra=objective)
+        # What the optimizer's state is named after in checkpoints: the model, and the objective beside it when it
+        # has parameters of its own (torch's state-dict API names every optimized parameter by a module path).
+        has_own = any(True for _ in objective.parameters())
+        self.optimized = nn.ModuleDict({"model": model, "objective": objective}) if has_own else model
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.oc, tc.steps))
         self.evaluator = Evaluator(task.val_batches(), self.micro, env)
+        # The test split is scored beside validation only when asked (train.eval_test): for the claim, never to tune.
+        self.test_evaluator = Evaluator(task.val_batches("test"), self.micro, env) if tc.eval_test else None
         self.stop_rules = tuple(stop_rules)
         self.step = 0
         objective.prepare(self)
@@ -205,12 +211,19 @@ class Trainer:
         return norm.item()
 
     def validate(self) -> dict[str, float]:
-        """The objective's validation metrics averaged over the task's validation batches (all ranks)."""
+        """The objective's validation metrics averaged over the task's validation batches (all ranks), then the same
+        metrics on the test split as test_* when train.eval_test is on."""
         self.wrapped.eval()
         with self.autocast():
             values = self.evaluator.run(lambda mb: self.objective.val_metrics(self.wrapped, mb))
+            test = {}
+            if self.test_evaluator is not None:
+                test = self.test_evaluator.run(lambda mb: self.objective.val_metrics(self.wrapped, mb))
         self.wrapped.train()
-        return self.objective.finish_validation(values)
+        return {
+            **self.objective.finish_validation(values),
+            **{k.replace("val_", "test_", 1): v for k, v in test.items()},
+        }
 
     def stop_reason(self, val: dict[str, float] | None) -> str | None:
         """The name of the first stop rule that fires after this step (val: its evaluation, None if none)."""
@@ -228,7 +241,7 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return (
             get_model_state_dict(self.model, options=opts),
-            get_optimizer_state_dict(self.model, self.optimizer, options=opts),
+            get_optimizer_state_dict(self.optimized, self.optimizer, options=opts),
         )
 
     def save(self) -> None:
@@ -262,7 +275,7 @@ class Trainer:
         set_model_state_dict(self.model, state["model"], options=opts)
         if state["objective"] is not None:
             self.objective.load_state_dict(state["objective"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        set_optimizer_state_dict(self.optimized, self.optimizer, state["optimizer"], options=opts)
         self.scheduler.load_state_dict(state["scheduler"])
         self.task.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
@@ -322,6 +335,7 @@ class Trainer:
             "flops": tokens * self.flops["total"],
             "val_loss_start": val0["val_loss"],
             "val_loss": val["val_loss"],
+            **{k: v for k, v in val.items() if k.startswith("test_")},  # train.eval_test: the final test metrics
             "stopped_by": stopped_by or "budget",
             "samples": samples,
             "out_dir": str(self.out),

@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 100  # steps between validation losses; 0 = only at the start and the end
     eval_batches: int = 20
+    eval_test: bool = False  # also log the test split's metrics (test_*) at every evaluation; never for tuning
     log_every: int = 10
     ckpt_every: int = 0  # steps between checkpoints; 0 = only the final one
     keep_last: int = 2

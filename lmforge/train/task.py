@@ -6,7 +6,7 @@ is part of every checkpoint, so a resume continues with the very next batch.
 
     head                 the model head the task trains ("lm": next-token logits)
     next_batch()         the next global training batch
-    val_batches()        the fixed validation batches (the same on every call, rank and run)
+    val_batches(split)   the fixed validation (or test) batches (the same on every call, rank and run)
     tokens_per_step      tokens in one global batch (what FLOPs are counted on)
     check_model(model)   refuse a model the data does not fit (vocabulary, tokenizer), before anything is written
     state_dict() / load_state_dict()
@@ -46,8 +46,10 @@ class TokenWindows:
         x, y = self.sampler.next_batch()  # (B, T) each
         return {"input_ids": x, "labels": y}
 
-    def val_batches(self) -> list[dict[str, Tensor]]:
-        batches = self.val.val_batches(self.tc.eval_batches, self.tc.batch_size, self.tc.seq_len)
+    def val_batches(self, split: str = "val") -> list[dict[str, Tensor]]:
+        """The fixed evaluation batches of the val split, or of the test split (read only when asked for)."""
+        data = self.val if split == "val" else TokenDataset(self.train.folder, split)
+        batches = data.val_batches(self.tc.eval_batches, self.tc.batch_size, self.tc.seq_len)
         return [{"input_ids": x, "labels": y} for x, y in batches]
 
     def state_dict(self) -> dict:
