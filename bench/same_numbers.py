@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"tokens_per_s", "mfu", "seconds", "elapsed", "mem_gb", "time", "report", "plot", "out_dir"}
+TIMING_KEYS = {"tokens_per_s", "mfu", "mem", "seconds", "elapsed", "time", "report", "plot", "out_dir"}
 
 
 def _strip(value):
@@ -99,7 +99,7 @@ def run(out: Path, data: str) -> None:
 
 
 def compare(a: Path, b: Path) -> int:
-    left, right = json.loads(a.read_text()), json.loads(b.read_text())
+    left, right = _strip(json.loads(a.read_text())), _strip(json.loads(b.read_text()))
     diffs: list[str] = []
 
     def walk(x, y, where: str) -> None:

@@ -1,4 +1,4 @@
-"""`lmforge data`: tokenize a corpus into train/val token shards (lmforge.data.tokens)."""
+"""`lmforge data`: tokenize a corpus into train/val/test token shards (lmforge.data.tokens)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,24 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     m = build_dataset(
         args.out,
-        args.starter,
-        args.input or [],
-        args.tokenizer,
-        args.val_fraction,
-        args.seed,
-        args.shard_tokens,
-        args.overwrite,
+        starter=args.starter,
+        inputs=args.input or [],
+        tokenizer=args.tokenizer,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        shard_tokens=args.shard_tokens,
+        overwrite=args.overwrite,
     )
-    tr, va = m["splits"]["train"], m["splits"]["val"]
+    sp, dd, leak = m["splits"], m["dedup"], m["leakage"]
     words = sum(s["words"] for s in m["sources"])
+    parts = ", ".join(f"{n} {sp[n]['documents']:,} docs / {sp[n]['tokens']:,} tokens" for n in ("train", "val", "test"))
     print(
-        f"wrote {args.out}: {tr['documents'] + va['documents']:,} documents ({words:,} words) -> "
-        f"train {tr['documents']:,} docs / {tr['tokens']:,} tokens, val {va['documents']:,} docs / "
-        f"{va['tokens']:,} tokens; vocab {m['vocab_size']:,} ({m['tokenizer']['kind']}), {m['dtype']}; "
-        f"{time.perf_counter() - t0:.1f} s"
+        f"wrote {args.out}: {sum(sp[n]['documents'] for n in sp):,} documents ({words:,} words; dropped "
+        f"{dd['exact_duplicates_dropped']:,} duplicates, {dd['near_duplicates_dropped']:,} near-duplicates) -> "
+        f"{parts} (stratified by source; 32-grams in train: val {leak['val_32gram_in_train']:.2%}, "
+        f"test {leak['test_32gram_in_train']:.2%}); vocab {m['vocab_size']:,} ({m['tokenizer']['kind']}), "
+        f"{m['dtype']}; {time.perf_counter() - t0:.1f} s"
     )
     return 0
 
@@ -34,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "data",
-        help="tokenize a corpus (built-in starter and/or your files) into train/val token shards",
-        description="Build a token dataset folder: manifest.json, tokenizer.json, train.bin, val.bin.",
+        help="tokenize a corpus (built-in starter and/or your files) into train/val/test token shards",
+        description="Build a token dataset folder: manifest.json, tokenizer.json, train.bin, val.bin, test.bin. "
+        "Exact and near-duplicate documents are dropped, then whole documents are split stratified by source "
+        "(each --input is one source).",
     )
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument(
@@ -57,8 +62,20 @@ def register(sub) -> None:
         help="bpe:VOCAB (train a byte-level BPE on the train split), gpt2, or a tokenizer.json / "
         "checkpoint folder holding one (default: %(default)s)",
     )
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default 0)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of each source's documents held out for validation (default 0.05)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.05,
+        help="share of each source's documents held out as the test split, for a final measurement that no "
+        "tuning reads (default 0.05; val + test must be below 1)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split and shuffle (default 0)")
     p.add_argument(
         "--shard-tokens",
         type=int,

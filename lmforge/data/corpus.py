@@ -275,7 +275,11 @@ def describe(docs: list[Document]) -> dict:
 
 def collect_documents(starter: bool, inputs: list[str]) -> tuple[list[dict], list[Document]]:
     """Every distinct document, in a fixed order (starter sources, then inputs as given), with one
-    record per source for the manifest."""
+    record per source for the manifest. Exact duplicates go first, then near-duplicates of an earlier
+    kept document in any source (lmforge.data.dedup: MinHash + LSH candidates, verified by shingle
+    containment); the documents of a source are contiguous, `record["documents"]` of them."""
+    from lmforge.data import dedup
+
     if not starter and not inputs:
         raise UserError("nothing to build: pass --starter and/or --input FILE_OR_DIR")
     for p in inputs:  # fail on a bad path before any download
@@ -283,17 +287,32 @@ def collect_documents(starter: bool, inputs: list[str]) -> tuple[list[dict], lis
             raise UserError(f"input {p} does not exist")
     sources = starter_corpus() if starter else []
     sources += [read_input(p) for p in inputs]
-    records, all_docs, seen = [], [], set()
-    for record, docs in sources:
+    unique_docs, owner, exact_dropped, seen = [], [], [], set()
+    for s, (_, docs) in enumerate(sources):
         # Exact duplicates go (the BBC set repeats 98 articles): a copy in both splits leaks val into train.
-        unique = []
+        n = 0
         for d in docs:
             key = hashlib.sha256(d.text.encode("utf-8")).digest()
             if key not in seen:
                 seen.add(key)
-                unique.append(d)
-        records.append({**record, **describe(unique), "duplicates_dropped": len(docs) - len(unique)})
-        all_docs.extend(unique)
+                unique_docs.append(d)
+                owner.append(s)
+                n += 1
+        exact_dropped.append(len(docs) - n)
+    # Near-duplicates (a few words changed, another headline, a longer copy) leak just the same.
+    near = dedup.find_near_duplicates([d.text for d in unique_docs]).dropped
+    kept: list[list[Document]] = [[] for _ in sources]
+    n_near = [0] * len(sources)
+    for i, (d, s) in enumerate(zip(unique_docs, owner)):
+        if i in near:
+            n_near[s] += 1
+        else:
+            kept[s].append(d)
+    records, all_docs = [], []
+    for s, (record, _) in enumerate(sources):
+        dropped = {"duplicates_dropped": exact_dropped[s], "near_duplicates_dropped": n_near[s]}
+        records.append({**record, **describe(kept[s]), **dropped})
+        all_docs.extend(kept[s])
     if not all_docs:
         raise UserError(f"the corpus is empty: no non-blank documents in {', '.join(inputs)}")
     return records, all_docs

@@ -4,11 +4,18 @@ On disk a dataset is a folder:
 
     manifest.json            what is here and how it was made (validated on every load)
     tokenizer.json           the tokenizer that produced the ids (+ tokenizer_config.json naming eos)
-    train.bin, val.bin       flat token streams, uint16 (uint32 when the vocabulary needs it);
-                             or train_000.bin, train_001.bin, ... with --shard-tokens
+    train.bin, val.bin,      flat token streams, uint16 (uint32 when the vocabulary needs it);
+    test.bin                 or train_000.bin, train_001.bin, ... with --shard-tokens
 
-Documents are split between train and val whole (a seeded shuffle), tokenized in parallel batches,
-and written each followed by the eos id. The same inputs and options give byte-identical files.
+Exact and near-duplicate documents are dropped first (lmforge.data.corpus, lmforge.data.dedup). Then
+documents are split whole into train / val / test, stratified by source: within each source a seeded
+permutation gives val and test their share of its documents (at least one each from a source of 3 or
+more), so every sizeable source is represented in both held-out splits; a source of 1-2 documents
+trains. The test split is for a final, once-only measurement: nothing that tunes reads it. Each split
+is a seeded shuffle of its documents, tokenized in parallel batches, each document followed by the eos
+id. The manifest records the split per source and how much of val and test is verbatim in train (the
+share of their 32-word windows that occur in train). The same inputs and options give byte-identical
+files.
 
 Sampling is stateless apart from one integer: batch k is a pure function of (seed, k), so resuming
 is `load_state_dict({"batches_drawn": k, ...})` and every rank can compute the same global batch.
@@ -32,7 +39,9 @@ from lmforge.io.atomic import atomic_dir
 MANIFEST = "manifest.json"
 FORMAT = "lmforge-tokens"
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+REQUIRED_SPLITS = ("train", "val")  # datasets built before the test split have only these
+MIN_SOURCE_DOCUMENTS = 3  # a source with fewer documents goes wholly to train
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 ENCODE_CHUNK_CHARS = 4_000_000  # text handed to one parallel encode_batch call
 
@@ -46,18 +55,67 @@ def dtype_for_vocab(vocab_size: int) -> str:
 
 
 # ---- building ------------------------------------------------------------------------------------
-def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, val indices): a seeded permutation of whole documents, val taken first."""
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    order = np.random.default_rng(seed % (1 << 64)).permutation(n_docs).tolist()
-    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n_docs))
-    if n_docs - n_val < 1:
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for flag, f in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not 0 <= f < 1:
+            raise UserError(f"{flag} must be in [0, 1), got {f}")
+    if val_fraction + test_fraction >= 1:
         raise UserError(
-            f"need at least 2 documents to split train/val by document, got {n_docs} "
-            "(pass more files, a .jsonl with one document per line, or --val-fraction 0)"
+            f"--val-fraction + --test-fraction must be below 1 (documents must be left to train on), "
+            f"got {val_fraction} + {test_fraction}"
         )
-    return order[n_val:], order[:n_val]
+
+
+def _held_out_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(val, test) documents of a source of n >= MIN_SOURCE_DOCUMENTS: round(fraction * n), at least 1
+    for a fraction above 0, shrunk (the larger first) until at least one document is left to train."""
+    n_val = 0 if val_fraction == 0 else max(1, round(val_fraction * n))
+    n_test = 0 if test_fraction == 0 else max(1, round(test_fraction * n))
+    while n_val + n_test > n - 1:
+        if n_test >= n_val and n_test > (1 if test_fraction else 0):
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n_val, n_test
+
+
+def split_documents(
+    sources: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, list[int]]:
+    """{split: document indices}, whole documents stratified by source; `sources[i]` is document i's source.
+
+    Within each source a permutation seeded by (seed, source) gives val its first round(val_fraction * n)
+    documents and test the next round(test_fraction * n) (see `_held_out_counts`), the rest train. Sources of
+    fewer than MIN_SOURCE_DOCUMENTS documents (e.g. one --input file each) are pooled into one stratum, split the
+    same way if the pool is large enough and trained on whole otherwise. Each split is then a seeded shuffle."""
+    check_fractions(val_fraction, test_fraction)
+    s = seed % (1 << 64)
+    owner = np.asarray(sources, dtype=np.int64)
+    small = np.bincount(owner)[owner] < MIN_SOURCE_DOCUMENTS if owner.size else np.zeros(0, dtype=bool)
+    strata = [(np.flatnonzero((owner == src) & ~small), [s, 0, src]) for src in np.unique(owner[~small]).tolist()]
+    strata.append((np.flatnonzero(small), [s, 2, 0]))  # the pooled small sources
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    for docs, rng_seed in strata:
+        if docs.size < MIN_SOURCE_DOCUMENTS:
+            parts["train"].append(docs)
+            continue
+        n_val, n_test = _held_out_counts(docs.size, val_fraction, test_fraction)
+        order = docs[np.random.default_rng(rng_seed).permutation(docs.size)]
+        parts["val"].append(order[:n_val])
+        parts["test"].append(order[n_val : n_val + n_test])
+        parts["train"].append(order[n_val + n_test :])
+    out = {}
+    for k, name in enumerate(SPLITS):
+        idx = np.concatenate(parts[name]) if parts[name] else np.zeros(0, dtype=np.int64)
+        out[name] = idx[np.random.default_rng([s, 1, k]).permutation(idx.size)].tolist()
+    for name, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if fraction > 0 and not out[name]:
+            raise UserError(
+                f"cannot hold out {name} documents: {owner.size} document(s) in all, fewer than "
+                f"{MIN_SOURCE_DOCUMENTS} (pass more files, a .jsonl with one document per line, or "
+                f"--val-fraction 0 --test-fraction 0)"
+            )
+    return out
 
 
 class TokenShardWriter:
@@ -90,11 +148,12 @@ class TokenShardWriter:
         return self.shards
 
 
-def _tokenize_split(tok, texts: list[str], writer: TokenShardWriter, desc: str) -> int:
-    """Encode `texts` in parallel chunks, write each document then eos; returns the token count."""
+def _tokenize_split(tok, texts: list[str], writer: TokenShardWriter, desc: str) -> np.ndarray:
+    """Encode `texts` in parallel chunks, write each document then eos; returns each document's token
+    count (eos included), int64."""
     from tqdm import tqdm
 
-    total, start = 0, 0
+    counts, start = [], 0
     with tqdm(total=len(texts), desc=desc, unit="doc", disable=None) as bar:
         while start < len(texts):
             end, chars = start, 0
@@ -104,10 +163,14 @@ def _tokenize_split(tok, texts: list[str], writer: TokenShardWriter, desc: str) 
             rows = [np.array([*ids, tok.eos_id], dtype=np.int64) for ids in tok.encode_batch(texts[start:end])]
             chunk = np.concatenate(rows)
             writer.write(chunk)
-            total += chunk.size
+            counts.extend(r.size for r in rows)
             bar.update(end - start)
             start = end
-    return total
+    return np.array(counts, dtype=np.int64)
+
+
+def _source_name(record: dict) -> str:
+    return record.get("package") or record.get("path") or record.get("kind", "?")
 
 
 def build_dataset(
@@ -119,28 +182,45 @@ def build_dataset(
     seed: int = 0,
     shard_tokens: int | None = None,
     overwrite: bool = False,
+    *,
+    test_fraction: float = 0.05,
 ) -> dict:
     """Build a token dataset in `out` (atomically) and return its manifest."""
-    from lmforge.data import corpus, tokenizer_build
+    from lmforge.data import corpus, dedup, tokenizer_build
 
     if shard_tokens is not None and shard_tokens <= 0:
         raise UserError(f"--shard-tokens must be positive, got {shard_tokens}")
+    check_fractions(val_fraction, test_fraction)
     with atomic_dir(out, overwrite=overwrite) as tmp:  # refuses a non-empty `out` before any work
         sources, docs = corpus.collect_documents(starter, list(inputs))
-        train_idx, val_idx = split_documents(len(docs), val_fraction, seed)
-        train_texts = [docs[i].text for i in train_idx]
-        val_texts = [docs[i].text for i in val_idx]
-        tok = tokenizer_build.resolve_tokenizer(tokenizer, train_texts)
+        owner = np.repeat(np.arange(len(sources)), [r["documents"] for r in sources])  # source of each doc
+        index = split_documents(owner, val_fraction, test_fraction, seed)
+        texts = {split: [docs[i].text for i in index[split]] for split in SPLITS}
+        tok = tokenizer_build.resolve_tokenizer(tokenizer, texts["train"])
         dtype = dtype_for_vocab(tok.vocab_size)
         for name, data in tok.files.items():
             (tmp / name).write_bytes(data)
 
         splits = {}
-        for split, texts in (("train", train_texts), ("val", val_texts)):
+        for split in SPLITS:
             writer = TokenShardWriter(tmp, split, dtype, shard_tokens)
-            tokens = _tokenize_split(tok, texts, writer, f"tokenizing {split}")
-            splits[split] = {"documents": len(texts), "tokens": tokens, "shards": writer.finish()}
+            counts = _tokenize_split(tok, texts[split], writer, f"tokenizing {split}")
+            src = owner[index[split]]
+            n_docs = np.bincount(src, minlength=len(sources))
+            n_tokens = np.zeros(len(sources), dtype=np.int64)
+            np.add.at(n_tokens, src, counts)
+            splits[split] = {
+                "documents": len(texts[split]),
+                "tokens": int(counts.sum()),
+                "shards": writer.finish(),
+                "by_source": [
+                    {"source": _source_name(r), "documents": int(d), "tokens": int(t)}
+                    for r, d, t in zip(sources, n_docs, n_tokens)
+                ],
+            }
 
+        train_windows = dedup.NgramIndex(texts["train"], dedup.LEAK_WORDS)
+        bands, rows = dedup.lsh_params(dedup.NUM_PERM, dedup.LSH_THRESHOLD)
         manifest = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -148,7 +228,7 @@ def build_dataset(
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
             "eos_token": tok.eos_token,
-            "layout": "documents in a seeded shuffle, each followed by eos_id",
+            "layout": "each split's documents in a seeded shuffle, each followed by eos_id",
             "tokenizer": {
                 "kind": tok.kind,
                 "spec": tokenizer,
@@ -158,7 +238,26 @@ def build_dataset(
             },
             "seed": seed,
             "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "stratified_by": "source",
+            "min_source_documents": MIN_SOURCE_DOCUMENTS,
             "splits": splits,
+            "dedup": {
+                "exact": "sha256 of the cleaned text",
+                "exact_duplicates_dropped": sum(r["duplicates_dropped"] for r in sources),
+                "near": "MinHash + LSH over lower-cased word shingles, candidates verified by containment",
+                "shingle_words": dedup.SHINGLE_WORDS,
+                "num_perm": dedup.NUM_PERM,
+                "lsh_bands": bands,
+                "lsh_rows": rows,
+                "containment_threshold": dedup.CONTAINMENT,
+                "near_duplicates_dropped": sum(r["near_duplicates_dropped"] for r in sources),
+            },
+            "leakage": {
+                "ngram_words": dedup.LEAK_WORDS,
+                "val_32gram_in_train": round(train_windows.contained_fraction(texts["val"]), 6),
+                "test_32gram_in_train": round(train_windows.contained_fraction(texts["test"]), 6),
+            },
             "sources": sources,
             "built_with": {name: _version(name) for name in ("lmforge", "tokenizers", "tiktoken")},
         }
@@ -198,8 +297,10 @@ def read_manifest(folder: str | Path) -> dict:
     if vocab > np.iinfo(DTYPES[m["dtype"]]).max + 1:
         raise UserError(f"{path}: vocab_size {vocab} does not fit dtype {m['dtype']}")
     splits = m.get("splits")
-    need(isinstance(splits, dict) and all(s in splits for s in SPLITS), "splits train and val are required")
+    need(isinstance(splits, dict) and all(s in splits for s in REQUIRED_SPLITS), "splits train and val are required")
     for name in SPLITS:
+        if name not in splits:  # test: absent from datasets built before it existed
+            continue
         s = splits[name]
         need(
             isinstance(s, dict) and isinstance(s.get("tokens"), int) and isinstance(s.get("shards"), list),
@@ -233,10 +334,14 @@ class TokenDataset:
         self.manifest = m = read_manifest(folder)
         self.dtype = DTYPES[m["dtype"]]
         self.vocab_size, self.eos_id = m["vocab_size"], m["eos_id"]
+        if split not in m["splits"]:
+            raise UserError(
+                f"{self.folder} has no {split} split (it was built by an older lmforge): rebuild it with `lmforge data`"
+            )
         info = m["splits"][split]
         self.documents, self.tokens = info.get("documents", 0), info["tokens"]
         if self.tokens == 0:
-            raise UserError(f"{self.folder} has no {split} tokens (was it built with --val-fraction 0?)")
+            raise UserError(f"{self.folder} has no {split} tokens (was it built with --{split}-fraction 0?)")
         self._shards: list[np.memmap] = []
         itemsize = np.dtype(self.dtype).itemsize
         for shard in info["shards"]:

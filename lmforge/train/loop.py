@@ -194,6 +194,7 @@ class Trainer:
             loss_sum += loss.detach()
             for name, value in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value.detach() / self.accum
+        parallel.all_reduce_grads(self.objective.parameters())  # DDP / FSDP sync the model's gradients, not these
         gnorm = self._clip()
         self.optimizer.step()
         self.scheduler.step()

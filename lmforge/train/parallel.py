@@ -115,6 +115,14 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_grads(params) -> None:
+    """Average the gradients of parameters that no wrapper syncs (an objective's own) over ranks."""
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                p.grad.copy_(all_reduce_mean(p.grad))
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
