@@ -22,13 +22,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"tokens_per_s", "mfu", "mem", "seconds", "elapsed", "time", "report", "plot", "out_dir"}
+TIMING_KEYS = {"tokens_per_s", "mfu", "mem", "seconds", "seconds_surgery", "elapsed", "time"}
+PATH_KEYS = {"report", "plot", "out_dir", "teacher"}  # where the two runs wrote, not what they computed
 
 
 def _strip(value):
-    """The value without timing fields or paths (a dict's keys in TIMING_KEYS, recursively)."""
+    """The value without timing fields or paths (keys in TIMING_KEYS or PATH_KEYS, recursively)."""
     if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if k not in TIMING_KEYS}
+        return {k: _strip(v) for k, v in value.items() if k not in TIMING_KEYS | PATH_KEYS}
     if isinstance(value, list):
         return [_strip(v) for v in value]
     return value
