@@ -2,7 +2,7 @@
 
 `fuse(cfg, state, calib_ids, hidden=..., ffn=..., heads=..., kv_heads=..., layers=..., method="fuse")`
 -> (target config, state dict, report). Pure over (config, state dict): the model is built only to run the
-calibration tokens (lmforge.surgery.fuse_calib). Two stages, as in seeds/003 (Baidu's LEMON):
+calibration tokens (lmforge.surgery.fuse_calib). Two stages, as in Baidu's LEMON (parameter fusion, ACL 2024):
 
 1. Dimension fusion, every layer, in the source's hidden basis:
    - heads: KV heads are grouped (GQA order kept: KV head j serves query heads j*g .. j*g+g-1), then the query
