@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "lmforge.commands.grow",
     "lmforge.commands.fuse",
     "lmforge.commands.demo",
+    "lmforge.commands.finetune",
+    "lmforge.commands.eval",
 ]
 
 

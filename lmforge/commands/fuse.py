@@ -30,9 +30,8 @@ from lmforge.io.hf_tensors import save_hf
 from lmforge.model.config import ModelConfig
 from lmforge.model.shapes import param_count
 from lmforge.model.transformer import Transformer
-from lmforge.objectives.lm import LanguageModelling, perplexity
+from lmforge.objectives.lm import perplexity, split_loss
 from lmforge.surgery.fuse import drop_layers, fuse, target_config
-from lmforge.train.evaluate import ONE_PROCESS, Evaluator
 
 METHODS = ("fuse", "prune", "drop", "random")
 
@@ -122,10 +121,9 @@ def run(args: argparse.Namespace) -> int:
     report["seconds_surgery"] = round(time.perf_counter() - start, 2)
 
     if args.eval_batches and cfg.head == "lm":  # one-shot quality, before DST is written (a failure writes nothing)
-        val = TokenDataset(args.data, "val").val_batches(args.eval_batches, 8, args.seq_len)
-        evaluator = Evaluator([{"input_ids": x, "labels": y} for x, y in val], 8, ONE_PROCESS, torch.float64)
-        report["source_val_loss"] = _val_loss(model_from_tensors(cfg, state.items()), evaluator)
-        report["val_loss"] = _val_loss(model_from_tensors(cfg_t, out.items()), evaluator)
+        val, n = TokenDataset(args.data, "val"), args.eval_batches
+        report["source_val_loss"] = split_loss(model_from_tensors(cfg, state.items()), val, n, 8, args.seq_len)
+        report["val_loss"] = split_loss(model_from_tensors(cfg_t, out.items()), val, n, 8, args.seq_len)
         report["source_ppl"] = perplexity(report["source_val_loss"])
         report["ppl"] = perplexity(report["val_loss"])
         report["ppl_ratio"] = report["ppl"] / report["source_ppl"]
@@ -155,8 +153,3 @@ def _drop_depth(cfg: ModelConfig, sizes: dict) -> int:
         return sizes["layers"] or cfg.num_layers
     goal = param_count(target_config(cfg, **sizes))
     return min(range(1, cfg.num_layers + 1), key=lambda n: abs(param_count(cfg.replace(num_layers=n)) - goal))
-
-
-def _val_loss(model: Transformer, evaluator: Evaluator) -> float:
-    """Mean next-token loss over the fixed validation batches."""
-    return evaluator.run(lambda batch: LanguageModelling().val_metrics(model.eval(), batch))["val_loss"]

@@ -10,7 +10,10 @@ The loop calls, on every rank:
     prepare(trainer)                 once, after the model, task and evaluator exist and before anything is written
     forward(model, batch)            one training micro-batch -> (loss, {name: detached scalar tensor})
     val_metrics(model, batch)        one validation micro-batch -> {name: scalar tensor}, averaged by the evaluator
-    finish_validation(values)        derived numbers (perplexity, a reference model's own loss) from the averages
+    val_step(model, batch)           (val_metrics, per-row outputs or None): an objective whose scores need every
+                                     prediction at once (F1, correlations) returns rows, gathered over all batches
+    finish_validation(values, rows)  the numbers logged: derived ones (perplexity, a reference model's own loss,
+                                     scores of the gathered rows) from the averages
     summary(val_start, val_end, tokens)   keys the run's final summary adds
 
 A batch is a dict of tensors whose first dimension is the sequence; the task decides which keys it holds.
@@ -21,6 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+
+Batch = dict[str, Tensor]
 
 
 class Objective(nn.Module):
@@ -33,7 +38,12 @@ class Objective(nn.Module):
     def val_metrics(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def finish_validation(self, values: dict[str, float]) -> dict[str, float]:
+    def val_step(
+        self, model: nn.Module, batch: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        return self.val_metrics(model, batch), None
+
+    def finish_validation(self, values: dict[str, float], rows: dict[str, Tensor] | None = None) -> dict[str, float]:
         return values
 
     def summary(self, val_start: dict[str, float], val_end: dict[str, float], tokens: int) -> dict[str, Any]:

@@ -230,7 +230,7 @@ class Distillation(Objective):
             teacher_lp = F.log_softmax(self.teacher(batch["input_ids"]).float(), dim=-1)
         return {"val_loss": lm_loss(logits, batch["labels"]), "val_kl": kl_from_log_probs(logits, teacher_lp)}
 
-    def finish_validation(self, values: dict[str, float]) -> dict[str, float]:
+    def finish_validation(self, values: dict[str, float], rows=None) -> dict[str, float]:
         val = {"val_loss": values["val_loss"], "val_ppl": perplexity(values["val_loss"]), "val_kl": values["val_kl"]}
         if not self._teacher_logged:  # the teacher's own numbers, once per process: the reference for val_ppl
             self._teacher_logged = True

@@ -28,3 +28,15 @@ class LanguageModelling(Objective):
 
     def val_metrics(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"val_loss": lm_loss(model(batch["input_ids"]), batch["labels"])}
+
+
+def split_loss(model: nn.Module, data, n_batches: int, batch_size: int, seq_len: int) -> float:
+    """Mean next-token loss of `model` (in eval mode, one process) over n_batches fixed batches of windows spread
+    evenly over a token dataset split (lmforge.data.tokens.TokenDataset), summed in float64: one-shot scoring."""
+    import torch
+
+    from lmforge.train.evaluate import ONE_PROCESS, Evaluator
+
+    batches = [{"input_ids": x, "labels": y} for x, y in data.val_batches(n_batches, batch_size, seq_len)]
+    evaluator = Evaluator(batches, batch_size, ONE_PROCESS, torch.float64)
+    return evaluator.run(lambda mb: LanguageModelling().val_metrics(model.eval(), mb))["val_loss"]

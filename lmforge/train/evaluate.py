@@ -46,9 +46,23 @@ class Evaluator:
     @torch.no_grad()
     def run(self, metrics_of: Callable[[Batch], dict[str, Tensor]]) -> dict[str, float]:
         """{name: mean over the validation batches} of metrics_of(micro-batch), all-reduced over ranks."""
+        return self.run_with_rows(lambda mb: (metrics_of(mb), None))[0]
+
+    @torch.no_grad()
+    def run_with_rows(
+        self, step_of: Callable[[Batch], tuple[dict[str, Tensor], dict[str, Tensor] | None]]
+    ) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """step_of(micro-batch) -> (means, rows): the means averaged as `run` does, and the per-row outputs (first
+        dimension the row: predictions, labels) concatenated over every micro-batch of every rank, for scores that
+        need all predictions at once (F1, correlations)."""
         totals: dict[str, Tensor] = {}
+        rows: dict[str, list[Tensor]] = {}
         for mb, share in self.parts:
-            for name, value in metrics_of(mb).items():
+            means, outputs = step_of(mb)
+            for name, value in means.items():
                 total = totals.setdefault(name, torch.zeros((), dtype=self.accumulate, device=self.device))
                 total += value * share
-        return {name: parallel.all_reduce_mean(t / self.n_batches).item() for name, t in totals.items()}
+            for name, value in (outputs or {}).items():
+                rows.setdefault(name, []).append(value.detach().cpu())
+        means = {name: parallel.all_reduce_mean(t / self.n_batches).item() for name, t in totals.items()}
+        return means, {name: torch.cat(parallel.gather_cpu(torch.cat(parts))) for name, parts in rows.items()}

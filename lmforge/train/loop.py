@@ -101,10 +101,10 @@ RESUMABLE_KEYS = (
 
 # ---- the loop ------------------------------------------------------------------------------------
 class Trainer:
-    """Train recipe's model on `task` (default: token windows of recipe.data.path) for `objective` (default:
-    language modelling), until train.steps or the first of `stop_rules` that fires. `sections` are config sections
-    beyond the recipe's own (e.g. {"distill": {...}}): recorded in every checkpoint and checked on resume, except
-    for `resumable_keys`, which a resumed run may change."""
+    """Train the recipe's model (or `model`, built by the caller) on `task` (default: token windows of
+    recipe.data.path) for `objective` (default: language modelling), until train.steps or the first of `stop_rules`
+    that fires. `sections` are config sections beyond the recipe's own (e.g. {"distill": {...}}): recorded in every
+    checkpoint and checked on resume, except for `resumable_keys`, which a resumed run may change."""
 
     def __init__(
         self,
@@ -115,6 +115,7 @@ class Trainer:
         resume: bool = False,
         sections: dict | None = None,
         resumable_keys: tuple[str, ...] = RESUMABLE_KEYS,
+        model: Transformer | None = None,
     ):
         self.env = env = parallel.setup(recipe.train.device)
         tc = recipe.train
@@ -122,7 +123,10 @@ class Trainer:
         torch.manual_seed(tc.seed)
 
         self.task = task = task if task is not None else TokenWindows(recipe.data.path, tc)
-        model, recipe = model_for_recipe(recipe, task.head)
+        if model is None:
+            model, recipe = model_for_recipe(recipe, task.head)
+        else:  # built by the caller (e.g. a checkpoint given a new head): its config is the run's
+            recipe = replace(recipe, model=model.config)
         task.check_model(model)
         self.recipe, self.tc, self.oc = recipe, tc, recipe.optim
         self.sections, self.resumable_keys = dict(sections or {}), resumable_keys
@@ -153,6 +157,7 @@ class Trainer:
         self.test_evaluator = Evaluator(task.val_batches("test"), self.micro, env) if tc.eval_test else None
         self.stop_rules = tuple(stop_rules)
         self.step = 0
+        self.tokens_seen, self.flops_seen = 0, 0.0  # summed batch by batch when batches differ in shape
         objective.prepare(self)
         if resume:
             self._resume()
@@ -178,7 +183,12 @@ class Trainer:
     def train_step(self) -> tuple[float, float, dict[str, float]]:
         """One optimizer step: (mean loss, grad norm, the objective's training metrics averaged likewise)."""
         env = self.env
-        batch = rows_of_rank(self.task.next_batch(), env.rank, env.world, env.device)  # (B_global / world, ...)
+        batch = self.task.next_batch()
+        if not self.task.fixed_shape:
+            rows, T = self.task.batch_tokens(batch)
+            self.tokens_seen += rows * T
+            self.flops_seen += rows * T * flops_per_token(self.recipe.model, T)["total"]
+        batch = rows_of_rank(batch, env.rank, env.world, env.device)  # (B_global / world, ...)
         loss_sum = torch.zeros((), device=env.device)
         metric_sums: dict[str, Tensor] = {}
         parts = micro_batches(batch, self.micro)
@@ -215,20 +225,26 @@ class Trainer:
         """The objective's validation metrics averaged over the task's validation batches (all ranks), then the same
         metrics on the test split as test_* when train.eval_test is on."""
         self.wrapped.eval()
+        step = lambda mb: self.objective.val_step(self.wrapped, mb)  # noqa: E731
         with self.autocast():
-            values = self.evaluator.run(lambda mb: self.objective.val_metrics(self.wrapped, mb))
+            val = self.objective.finish_validation(*self.evaluator.run_with_rows(step))
             test = {}
             if self.test_evaluator is not None:
-                test = self.test_evaluator.run(lambda mb: self.objective.val_metrics(self.wrapped, mb))
+                test = self.objective.finish_validation(*self.test_evaluator.run_with_rows(step))
         self.wrapped.train()
-        return {
-            **self.objective.finish_validation(values),
-            **{k.replace("val_", "test_", 1): v for k, v in test.items()},
-        }
+        return {**val, **{k.replace("val_", "test_", 1): v for k, v in test.items() if k.startswith("val_")}}
+
+    def progress(self) -> tuple[int, float]:
+        """(tokens, training FLOPs) so far: from the step count when every batch has the same shape, else the sums
+        over the batches seen (padded tokens, each batch's FLOPs at its own length)."""
+        if self.task.fixed_shape:
+            tokens = self.step * self.task.tokens_per_step
+            return tokens, tokens * self.flops["total"]
+        return self.tokens_seen, self.flops_seen
 
     def stop_reason(self, val: dict[str, float] | None) -> str | None:
         """The name of the first stop rule that fires after this step (val: its evaluation, None if none)."""
-        flops = self.step * self.task.tokens_per_step * self.flops["total"]
+        flops = self.progress()[1]
         return next((rule.name for rule in self.stop_rules if rule(self.step, flops, val)), None)
 
     # -- checkpoints --
@@ -259,7 +275,11 @@ class Trainer:
                 rng_state=checkpoint.rng_state(),
                 config=self.run_config(),
                 keep_last=self.tc.keep_last,
-                extra={"stop_rules": {rule.name: rule.state_dict() for rule in self.stop_rules}},
+                extra={
+                    "stop_rules": {rule.name: rule.state_dict() for rule in self.stop_rules},
+                    "tokens_seen": self.tokens_seen,
+                    "flops_seen": self.flops_seen,
+                },
                 objective_state=objective_state or None,
             )
         parallel.barrier()
@@ -281,40 +301,44 @@ class Trainer:
         self.task.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
+        self.tokens_seen = state["extra"].get("tokens_seen", 0)
+        self.flops_seen = state["extra"].get("flops_seen", 0.0)
         saved_rules = state["extra"].get("stop_rules", {})
         for rule in self.stop_rules:
             rule.load_state_dict(saved_rules.get(rule.name, {}))
 
     # -- the run --
     def _log_eval(self, val: dict[str, float]) -> None:
-        tokens = self.step * self.task.tokens_per_step
-        self.log.log_eval(self.step, tokens, tokens * self.flops["total"], **val)
+        tokens, flops = self.progress()
+        self.log.log_eval(self.step, tokens, flops, **val)
 
     def run(self) -> dict:
         """Train until train.steps or until a stop rule fires; the summary's "stopped_by" names the rule ("budget"
         when the steps ran out)."""
         tc, env = self.tc, self.env
-        tokens_per_step = self.task.tokens_per_step
         val0 = self.validate()
         self._log_eval(val0)
         # A fresh run may already meet its goal; a resumed one judged its last evaluation before the save.
         stopped_by = self.stop_reason(val0) if self.step == 0 else None
         val = val0 if stopped_by is not None else None  # the evaluation of the step training ended at, if any
         timer = Throughput()
+        tokens, _ = self.progress()
         while stopped_by is None and self.step < tc.steps:
             t0 = time.perf_counter()
             loss, gnorm, step_metrics = self.train_step()
-            timer.update(tokens_per_step, time.perf_counter() - t0)
-            tokens = self.step * tokens_per_step
+            before = tokens
+            tokens, flops = self.progress()
+            timer.update(tokens - before, time.perf_counter() - t0)
+            flops_per_tok = self.flops["total"] if self.task.fixed_shape else flops / max(tokens, 1)
             self.log.log_step(
                 step=self.step,
                 tokens=tokens,
-                flops=tokens * self.flops["total"],
+                flops=flops,
                 loss=loss,
                 lr=self.scheduler.get_last_lr()[0],
                 grad_norm=gnorm,
                 tokens_per_s=timer.tokens_per_s,
-                mfu=mfu(self.flops["total"], timer.tokens_per_s, env.device, self.dtype, env.world),
+                mfu=mfu(flops_per_tok, timer.tokens_per_s, env.device, self.dtype, env.world),
                 **step_metrics,
             )
             val = None
@@ -327,13 +351,13 @@ class Trainer:
         if stopped_by is None or val is None:
             val = self.validate()
             self._log_eval(val)
-        tokens = self.step * tokens_per_step
+        tokens, flops = self.progress()
         self.save()
         samples = self.finish()
         summary = {
             "steps": self.step,
             "tokens": tokens,
-            "flops": tokens * self.flops["total"],
+            "flops": flops,
             "val_loss_start": val0["val_loss"],
             "val_loss": val["val_loss"],
             **{k: v for k, v in val.items() if k.startswith("test_")},  # train.eval_test: the final test metrics
@@ -355,7 +379,9 @@ class Trainer:
         final.eval()
         tok_files = self.task.tokenizer_files
         final.tokenizer_files = tok_files
-        samples = sample_text(final, tok_files, self.tc.sample_prompts, self.tc.sample_tokens, self.tc.seed)
+        samples = []
+        if final.config.head == "lm":
+            samples = sample_text(final, tok_files, self.tc.sample_prompts, self.tc.sample_tokens, self.tc.seed)
         for prompt, text in zip(self.tc.sample_prompts, samples):
             self.log.write(f"sample | {prompt!r} -> {text!r}")
         if self.tc.export_hf:

@@ -115,6 +115,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def gather_cpu(value: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's tensor (CPU), in rank order: [value] in one process."""
+    if not dist.is_initialized():
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_reduce_grads(params) -> None:
     """Average the gradients of parameters that no wrapper syncs (an objective's own) over ranks."""
     if dist.is_initialized():

@@ -1,0 +1,87 @@
+"""`lmforge finetune RECIPE.yaml`: fine-tune a checkpoint as a sequence classifier (or regressor) on a task.
+
+The recipe is lmforge's (optim, train; train.init_from is the checkpoint: HF folder, lmforge folder or .gguf) plus a
+`finetune:` section (FinetuneConfig). The task is a built-in name (`lmforge.tasks.TASKS`), the user's JSONL / CSV /
+TSV file or folder, or a GLUE task folder. Encoders (BERT) classify their first token through the pooler, decoders
+(Llama, GPT-2) their last non-padding token. A checkpoint without a classifier of the task's size gets a fresh head
+(one line says so). train.seq_len is the longest input (longer ones are cut); validation scores the whole
+validation split at every train.eval_every steps. The run folder is `lmforge train`'s: metrics.jsonl, checkpoints
+(exact --resume), final/ in HF form (AutoModelForSequenceClassification loads it). The last line printed is one JSON
+object with the final validation metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from lmforge.errors import UserError
+from lmforge.train.loop import RESUMABLE_KEYS, Trainer, run_trainer
+from lmforge.train.recipe import Recipe, load_recipe_sections
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: str = ""  # a built-in task, a .jsonl / .csv / .tsv file or folder, or a GLUE task folder
+    split_seed: int = 0  # seed of the train / validation / test split, for data that does not come split
+    new_head: bool = False  # replace a classifier head of another size instead of refusing
+
+
+def finetune_trainer(recipe: Recipe, fc: FinetuneConfig, resume: bool = False) -> Trainer:
+    from lmforge.data.tokenizer import Tokenizer
+    from lmforge.objectives.classify import Classification, model_for_task
+    from lmforge.tasks import load_task
+    from lmforge.train.task import LabelledText
+
+    tc = recipe.train
+    if not fc.task:
+        raise UserError("finetune.task is required: a built-in task name, a data file or folder, or a GLUE folder")
+    if not tc.init_from:
+        raise UserError("train.init_from is required: the checkpoint to fine-tune")
+    data = load_task(fc.task, seed=fc.split_seed)
+    n = len(data.labels) if data.kind == "classification" else 1
+    from lmforge.io.checkpoints import read_checkpoint
+
+    side = read_checkpoint(tc.init_from)[2]
+    if "tokenizer.json" not in side:
+        raise UserError(f"{tc.init_from} carries no tokenizer.json: fine-tuning encodes the task with the model's own")
+    tok = Tokenizer.from_files(side)
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    model = model_for_task(tc.init_from, n, pad, tc.seed, fc.new_head)
+    cfg = model.config
+    if cfg.position == "learned" and tc.seq_len > cfg.max_seq_len:
+        raise UserError(f"train.seq_len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    task = LabelledText(data, model.tokenizer_files, tc, pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    return Trainer(
+        recipe,
+        task=task,
+        objective=Classification(data.kind, n),
+        resume=resume,
+        sections={"finetune": dataclasses.asdict(fc)},
+        resumable_keys=RESUMABLE_KEYS,
+        model=model,
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint as a sequence classifier or regressor on a labelled task",
+        description="Fine-tune train.init_from on finetune.task; override any key as --section.key=value. The last "
+        "line printed is the final validation metrics as one JSON object.",
+    )
+    p.add_argument("recipe", help="recipe YAML with a finetune: section (see recipes/finetune-minilm-mr.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args) -> int:
+    recipe, extra = load_recipe_sections(args.recipe, args.overrides, {"finetune": FinetuneConfig})
+    trainer, summary = run_trainer(lambda: finetune_trainer(recipe, extra["finetune"], resume=args.resume))
+    if trainer.env.is_main:
+        final = {k: v for k, v in summary.items() if k.startswith(("val_", "test_"))}
+        print(f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} after {summary['steps']} steps; "
+              f"run in {summary['out_dir']}")  # fmt: skip
+        print(json.dumps({"steps": summary["steps"], "tokens": summary["tokens"], "flops": summary["flops"], **final}))
+    return 0
