@@ -9,33 +9,37 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.commands.finetune import FinetuneConfig
 from lmforge.experiments.growth import load_growth_recipe
 from lmforge.metrics.flops import flops_per_token
 from lmforge.model.transformer import Transformer
 from lmforge.objectives.distill import load_distill_recipe
 from lmforge.surgery.grow import target_config
-from lmforge.train.recipe import load_recipe
+from lmforge.train.recipe import load_recipe, load_recipe_sections
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 LOADERS = {
     "train": lambda path: (load_recipe(path), {}),
     "distill": lambda path: load_distill_recipe(path),
     "demo": lambda path: load_growth_recipe(path),
+    "finetune": lambda path: load_recipe_sections(path, [], {"finetune": FinetuneConfig}),
 }
 
 
 def test_there_are_recipes():
-    assert len(RECIPES) >= 7
+    assert len(RECIPES) >= 8
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_loads_through_its_command(path):
     first = path.read_text().splitlines()[0]
-    m = re.match(r"# Command: lmforge (train|distill|demo) (--recipe )?recipes/(\S+)", first)
-    assert m, f"{path.name}: the first line must be '# Command: lmforge <train|distill|demo> ... recipes/{path.name}'"
+    m = re.match(r"# Command: lmforge (train|distill|demo|finetune) (--recipe )?recipes/(\S+)", first)
+    assert m, f"{path.name}: the first line must be '# Command: lmforge <verb> ... recipes/{path.name}'"
     assert m.group(3) == path.name
     recipe, extra = LOADERS[m.group(1)](path)
     configs = [recipe.model]
+    if m.group(1) == "finetune":
+        assert extra["finetune"].task, f"{path.name} names no finetune.task"
     if m.group(1) == "demo":  # the growth target too
         g = extra
         configs.append(target_config(recipe.model, **{k: v for k, v in g.sizes().items() if k != "depth"}))

