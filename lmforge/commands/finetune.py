@@ -50,6 +50,11 @@ def finetune_trainer(recipe: Recipe, fc: FinetuneConfig, resume: bool = False) -
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
     model = model_for_task(tc.init_from, n, pad, tc.seed, fc.new_head)
     cfg = model.config
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(
+            f"the tokenizer of {tc.init_from} has {tok.vocab_size} tokens, its model embeds {cfg.vocab_size}: "
+            "they do not belong together"
+        )
     if cfg.position == "learned" and tc.seq_len > cfg.max_seq_len:
         raise UserError(f"train.seq_len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     task = LabelledText(data, model.tokenizer_files, tc, pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
