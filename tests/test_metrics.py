@@ -219,9 +219,10 @@ def test_metrics_logger_only_rank0_writes(tmp_path):
 def test_metrics_logger_resume_drops_later_and_torn_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0}) for s in range(1, 8)]
+    lines.insert(5, json.dumps({"step": 5, "val_loss": 3.0}))  # logged again by the resumed run: dropped here
     path.write_text("\n".join(lines) + '\n{"step": 8, "lo')  # crashed mid-line
     with MetricsLogger(tmp_path, 0, start_step=5, progress=False, stream=io.StringIO()) as log:
         log.log_step(6, tokens=6, flops=None, loss=2.0, lr=None)
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
-    assert recs[-1]["loss"] == 2.0
+    assert recs[-1]["loss"] == 2.0 and all("val_loss" not in r for r in recs)

@@ -112,3 +112,22 @@ def test_two_ranks_match_one_process(tmp_path, data_dir, mode):
     a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5, (a, b)
+
+
+def test_resume_before_the_first_checkpoint_starts_over_and_logs_each_step_once(tmp_path, data_dir, capsys):
+    full = recipe_file(tmp_path / "a", data_dir)
+    Trainer(load_recipe(full)).run()
+    dead = recipe_file(tmp_path / "b", data_dir, ckpt_every=3)
+    t = Trainer(load_recipe(dead))
+    t.log.log_eval(0, 0, 0.0, val_loss=9.9)  # what a run killed before its first checkpoint leaves behind
+    t.log.close()
+    del t
+    Trainer(load_recipe(dead), resume=True).run()
+    assert "starting the run from the beginning" in capsys.readouterr().out
+    a, b = (rows_of(tmp_path / x / "run") for x in ("a", "b"))
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "mem")} for r in rs]  # noqa: E731
+    assert strip(a) == strip(b)  # every step once, the same numbers as the uninterrupted run
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

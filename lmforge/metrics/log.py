@@ -102,7 +102,8 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step or 0, unit="step", dynamic_ncols=True)
 
     def _drop_after(self, step: int) -> None:
-        """Keep only complete lines with step <= `step` (a crash can also leave a torn last line)."""
+        """Keep only complete lines of earlier steps and the training line of `step` itself (a crash can also leave
+        a torn last line): the resumed run logs its evaluation at `step` again, and every later line, once."""
         if not self.path.exists():
             return
         kept = []
@@ -111,7 +112,9 @@ class MetricsLogger:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
+                continue
+            if rec["step"] < step or (rec["step"] == step and rec.get("loss") is not None):
                 kept.append(line + "\n")
         atomic_write_bytes(self.path, "".join(kept).encode())
 

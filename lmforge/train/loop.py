@@ -159,7 +159,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen, self.flops_seen = 0, 0.0  # summed batch by batch when batches differ in shape
         objective.prepare(self)
-        if resume:
+        if resume and checkpoint.find_latest(self.out) is None:  # killed before its first checkpoint was complete
+            if env.is_main:
+                print(f"lmforge: no complete checkpoint in {self.out}: starting the run from the beginning", flush=True)
+        elif resume:
             self._resume()
         elif self.out.exists() and any(self.out.iterdir()):
             raise UserError(f"output {self.out} already exists and is not empty (use --resume or another path)")
