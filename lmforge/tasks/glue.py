@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmforge.errors import UserError
@@ -82,17 +82,6 @@ GLUE: dict[str, GlueTask] = {
         "accuracy",
         "dev_matched.tsv",
     ),
-    "mnlimm": GlueTask(
-        "MNLI-mm",
-        ("sentence1", "sentence2", "gold_label"),
-        "sentence1",
-        "sentence2",
-        "gold_label",
-        ("entailment", "neutral", "contradiction"),
-        None,
-        "accuracy",
-        "dev_mismatched.tsv",
-    ),
     "qnli": GlueTask(
         "QNLI", ("index", "question", "sentence", "label"), "question", "sentence", "label", NLI2, None, "accuracy"
     ),
@@ -110,6 +99,7 @@ GLUE: dict[str, GlueTask] = {
         "accuracy",
     ),
 }
+GLUE["mnlimm"] = replace(GLUE["mnli"], title="MNLI-mm", dev="dev_mismatched.tsv")  # the other dev set
 ALIASES = {"sst": "sst2", "sts": "stsb", "mnlim": "mnli", "mnlimatched": "mnli", "mnlimismatched": "mnlimm"}
 UNLABELLED = {"-", ""}  # MNLI rows whose annotators did not agree on a gold label
 
