@@ -31,10 +31,12 @@ sys.path.insert(0, str(ROOT))
 from lmforge.metrics.report import markdown_table, read_metrics  # noqa: E402
 from lmforge.objectives.lm import perplexity  # noqa: E402
 
-METHODS = ("fuse", "prune", "drop", "random")
+METHODS = ("fuse", "prune", "prune-refit", "prune-map", "drop", "random")
 LABELS = {
     "fuse": "fusion (lmforge)",
     "prune": "width + depth pruning (Minitron-style)",
+    "prune-refit": "pruning + fusion's writer refit",
+    "prune-map": "pruning + writer refit + fusion's hidden-map search",
     "drop": "layer dropping (ShortGPT-style)",
     "random": "random init",
 }

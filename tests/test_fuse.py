@@ -62,7 +62,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["fuse", "prune"])
+@pytest.mark.parametrize("method", ["fuse", "prune", "prune-refit", "prune-map"])
 def test_same_size_is_identity(family, method):
     cfg = FAMILIES[family]
     model, state = source(cfg)
@@ -117,7 +117,7 @@ def test_fusing_exact_copies_recovers_the_source(family, sizes, ridge):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["fuse", "prune"])
+@pytest.mark.parametrize("method", ["fuse", "prune", "prune-refit", "prune-map"])
 def test_fused_model_exports_and_loads_in_transformers(family, method, tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = FAMILIES[family]
@@ -154,6 +154,27 @@ def test_fusion_beats_pruning_on_redundant_model():
         cfg_f, fused, _ = fuse(cfg_g, grown, IDS, hidden=32, ffn=48, method=method)
         errs[method] = rel_err(model_from_tensors(cfg_f, fused.items(), torch.float64)(IDS), ref)
     assert errs["fuse"] < errs["prune"] / 3, errs
+
+
+def test_prune_refit_keeps_what_pruning_keeps_and_refits_only_the_writers():
+    """The baselines that isolate merging: prune-refit reads with exactly pruning's weights and refits o_proj and
+    down_proj, which lowers the layers' reconstruction error on the calibration tokens."""
+    cfg = FAMILIES["llama"]
+    model, state = source(cfg)
+    sizes = {"ffn": 32, "heads": 2, "kv_heads": 1}  # hidden kept: no map, so the readers compare directly
+    cfg_p, pruned, _ = fuse(cfg, state, IDS, method="prune", **sizes)
+    _, refitted, _ = fuse(cfg, state, IDS, method="prune-refit", **sizes)
+    for name in pruned:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert not torch.equal(pruned[name], refitted[name]), name
+        else:
+            assert torch.equal(pruned[name], refitted[name]), name
+    ref = model(IDS)
+    err = {
+        m: rel_err(model_from_tensors(cfg_p, sd.items(), torch.float64)(IDS), ref)
+        for m, sd in (("prune", pruned), ("prune-refit", refitted))
+    }
+    assert err["prune-refit"] < err["prune"], err
 
 
 def test_cluster_merges_duplicates_first():
@@ -309,7 +330,7 @@ def teacher_and_data(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method", ["fuse", "prune", "drop", "random"])
+@pytest.mark.parametrize("method", ["fuse", "prune", "prune-refit", "prune-map", "drop", "random"])
 def test_cli_writes_a_loadable_smaller_model(teacher_and_data, method, capsys):
     root = teacher_and_data
     out = root / f"out-{method}"

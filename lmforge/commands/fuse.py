@@ -3,6 +3,8 @@ baselines it is measured against, all through one command so they share calibrat
 
     --method fuse     dimension-then-layer fusion (the method)
     --method prune    Minitron-style: keep the most important channels, drop the least influential layers
+    --method prune-refit  pruning's choice, its writers refitted as fusion refits them
+    --method prune-map    the same, with the hidden map chosen by fusion's search
     --method drop     ShortGPT-style layer dropping only, to about the same parameter count
     --method random   the same small architecture from random initialisation
 
@@ -31,9 +33,10 @@ from lmforge.model.config import ModelConfig
 from lmforge.model.shapes import param_count
 from lmforge.model.transformer import Transformer
 from lmforge.objectives.lm import perplexity, split_loss
+from lmforge.surgery.fuse import METHODS as SURGERY_METHODS
 from lmforge.surgery.fuse import drop_layers, fuse, target_config
 
-METHODS = ("fuse", "prune", "drop", "random")
+METHODS = (*SURGERY_METHODS, "drop", "random")
 
 
 def register(subparsers) -> None:
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str(msg)
         bar.update(1)
 
-    if args.method in ("fuse", "prune"):
+    if args.method in SURGERY_METHODS:
         cfg_t, out, report = fuse(
             cfg, state, calib_ids, **sizes, method=args.method, ridge=args.ridge, progress=progress
         )

@@ -32,8 +32,10 @@ function (the refits' priors, a group's summed writers, are then exact); tests/t
 else is approximate by design: the fused model is the start of recovery training (`lmforge distill`).
 
 `method="prune"` is the Minitron-style baseline in the same code: keep the most important heads / neurons /
-channels (mean activation magnitude), through the same hidden map, no refit; drop the least influential layers.
-`drop_layers` is the layer-dropping baseline (ShortGPT).
+channels (mean activation magnitude), no refit; drop the least influential layers. Two more baselines isolate what
+merging itself adds: "prune-refit" keeps what pruning keeps but refits the writers (o_proj, down_proj) exactly as
+fusion does, and "prune-map" also chooses the hidden map by fusion's search. `drop_layers` is the layer-dropping
+baseline (ShortGPT).
 """
 
 from __future__ import annotations
@@ -52,7 +54,13 @@ from lmforge.model.transformer import Attention, Transformer
 from lmforge.surgery.fuse_calib import Calibration, calibrate, head_outputs
 from lmforge.surgery.fuse_math import Group, cluster, correlation, equal_groups, match, refit
 
-METHODS = ("fuse", "prune")
+# method: (merge heads / neurons / layers, refit writers, search the hidden map)
+METHODS = {
+    "fuse": (True, True, True),
+    "prune": (False, False, False),
+    "prune-refit": (False, True, False),
+    "prune-map": (False, True, True),
+}
 READERS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITERS = ("attn.o_proj", "mlp.down_proj")
 Progress = Callable[[str], None]
@@ -122,7 +130,8 @@ def fuse(
 ) -> tuple[ModelConfig, dict[str, Tensor], dict]:
     """Fuse (or prune, method="prune") the model (cfg, state) to the target sizes, using calib_ids (B, T)."""
     if method not in METHODS:
-        raise UserError(f"fusion method {method!r} is not one of {METHODS}")
+        raise UserError(f"fusion method {method!r} is not one of {', '.join(METHODS)}")
+    merge, _, search_map = METHODS[method]
     tgt = target_config(cfg, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
     say = progress or (lambda _msg: None)
     dtype = next(iter(state.values())).dtype
@@ -144,7 +153,7 @@ def fuse(
         say(f"dimensions: layer {i + 1}/{cfg.num_layers}")
     mid = tgt.replace(num_layers=cfg.num_layers)
     if tgt.hidden_size != cfg.hidden_size:
-        if method == "fuse":
+        if search_map:
             sd, report["hidden_map_kl"] = fuse_hidden(
                 cfg, mid, sd, calib, Judge(model, calib_ids[-max(1, len(calib_ids) // 4) :])
             )
@@ -153,7 +162,7 @@ def fuse(
 
     # Stage 2: layers.
     if tgt.num_layers != cfg.num_layers:
-        if method == "fuse":
+        if merge:
             say("calibrating the dimension-fused model for layer fusion")
             sd, groups = fuse_layers(mid, sd, calib_ids, tgt.num_layers, ridge)
             report["layer_groups"] = groups
@@ -210,7 +219,8 @@ def _fuse_heads(
     y = head_outputs(model, model.layers[i].attn, calib.attn_in[i])  # (N, H, D)
     wo = sd[p + "o_proj.weight"].view(C, H, D)
     size = KV // KV2  # source KV heads per fused KV head
-    if method == "fuse":
+    merge, refit_writers, _ = METHODS[method]
+    if merge:
         contrib = torch.einsum("nhd,chd->hnc", y, wo).flatten(1)  # (H, N*C): each head's write to the stream
         gram = contrib.double() @ contrib.double().T  # (H, H)
         kv_groups = [Group(torch.tensor([j]), torch.ones(1, dtype=torch.float64)) for j in range(KV)]
@@ -238,7 +248,7 @@ def _fuse_heads(
     q_groups: list[Group] = []
     for kv in kv_groups:
         cand = torch.cat([torch.arange(j * g, (j + 1) * g) for j in kv.members.tolist()])
-        if method == "fuse":
+        if merge:
             sub = cluster(gram.index_select(0, cand).index_select(1, cand), g2, signed=False)
         else:
             sub = _top(importance[cand], g2)
@@ -254,7 +264,7 @@ def _fuse_heads(
     heads_of("q_proj", H, q_groups)
     heads_of("k_proj", KV, kv_groups)
     heads_of("v_proj", KV, kv_groups)
-    if method == "fuse":  # refit o_proj: the fused heads' outputs -> the layer's original attention output
+    if refit_writers:  # refit o_proj: the fused heads' outputs -> the layer's original attention output
         attn = Attention(width)
         attn.load_state_dict(
             {k.removeprefix(p): v for k, v in sd.items() if k.startswith(p) and "o_proj" not in k}, strict=False
@@ -292,7 +302,8 @@ def _fuse_ffn(
     """Layer i's MLP from F to ffn neurons, in place in sd."""
     p = f"layers.{i}.mlp."
     h = mlp_hidden(cfg, sd, p, calib.mlp_in[i])  # (N, F)
-    if method == "fuse":
+    merge, refit_writers, _ = METHODS[method]
+    if merge:
         groups = cluster(h.double().T @ h.double(), ffn, signed=False)
     else:  # Minitron: a neuron's importance is its mean activation magnitude
         groups = _top(h.abs().mean(0), ffn)
@@ -300,7 +311,7 @@ def _fuse_ffn(
         sd[p + name + ".weight"] = _combine(sd[p + name + ".weight"], groups)
         if cfg.mlp_bias:
             sd[p + name + ".bias"] = _combine(sd[p + name + ".bias"], groups)
-    if method == "fuse":  # refit down_proj: fused activations -> the original MLP output
+    if refit_writers:  # refit down_proj: fused activations -> the original MLP output
         down = sd[p + "down_proj.weight"]  # (C, F)
         prior = torch.stack([down.index_select(1, grp.members).sum(1) for grp in groups], 1)  # (C, ffn)
         h = mlp_hidden(cfg, sd, p, calib.mlp_in[i])
