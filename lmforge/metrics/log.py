@@ -172,6 +172,9 @@ class MetricsLogger:
             parts.append(f"val_kl {rec['val_kl']:.4f}")
         if rec.get("teacher_val_ppl") is not None:
             parts.append(f"teacher_ppl {rec['teacher_val_ppl']:.2f}")
+        for key in ("val_accuracy", "val_f1", "val_mcc", "val_pearson", "test_loss"):  # fine-tuning; eval_test
+            if rec.get(key) is not None:
+                parts.append(f"{key} {rec[key]:.4f}")
         if rec.get("lr") is not None:
             parts.append(f"lr {_fmt_lr(rec['lr'])}")
         if rec.get("grad_norm") is not None:
