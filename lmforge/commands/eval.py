@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if not model.tokenizer_files or "tokenizer.json" not in model.tokenizer_files:
             raise UserError(f"{args.model} carries no tokenizer.json to encode the task with")
         tc = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size)
-        task = LabelledText(data, model.tokenizer_files, tc, pad_id=cfg.pad_token_id or 0)
+        task = LabelledText(data, model.tokenizer_files, tc, pad_id=cfg.pad_token_id)
         task.check_model(model)
         objective = Classification(data.kind, cfg.num_labels)
         split = "validation" if args.split == "val" else "test"

@@ -41,15 +41,8 @@ def finetune_trainer(recipe: Recipe, fc: FinetuneConfig, resume: bool = False) -
         raise UserError("train.init_from is required: the checkpoint to fine-tune")
     data = load_task(fc.task, seed=fc.split_seed)
     n = len(data.labels) if data.kind == "classification" else 1
-    from lmforge.io.checkpoints import read_checkpoint
-
-    side = read_checkpoint(tc.init_from)[2]
-    if "tokenizer.json" not in side:
-        raise UserError(f"{tc.init_from} carries no tokenizer.json: fine-tuning encodes the task with the model's own")
-    tok = Tokenizer.from_files(side)
-    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    model = model_for_task(tc.init_from, n, pad, tc.seed, fc.new_head)
-    cfg = model.config
+    model = model_for_task(tc.init_from, n, tc.seed, fc.new_head)  # reads the checkpoint once, tokenizer included
+    cfg, tok = model.config, Tokenizer.from_files(model.tokenizer_files)
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(
             f"the tokenizer of {tc.init_from} has {tok.vocab_size} tokens, its model embeds {cfg.vocab_size}: "
@@ -57,7 +50,7 @@ def finetune_trainer(recipe: Recipe, fc: FinetuneConfig, resume: bool = False) -
         )
     if cfg.position == "learned" and tc.seq_len > cfg.max_seq_len:
         raise UserError(f"train.seq_len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    task = LabelledText(data, model.tokenizer_files, tc, pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    task = LabelledText(data, model.tokenizer_files, tc, pad_id=cfg.pad_token_id)
     return Trainer(
         recipe,
         task=task,

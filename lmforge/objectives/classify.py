@@ -70,13 +70,19 @@ def classifier_config(cfg: ModelConfig, num_labels: int, pad_token_id: int | Non
     )
 
 
-def model_for_task(path: str, num_labels: int, pad_token_id: int | None, seed: int, new_head: bool) -> Transformer:
+def model_for_task(path: str, num_labels: int, seed: int, new_head: bool) -> Transformer:
     """The checkpoint at `path` with a classifier head of num_labels: its own if it has one of that size; a fresh one
     (said in one line on stderr) when it has none (an LM or a bare encoder); a checkpoint whose classifier has
-    another size is refused unless new_head."""
+    another size is refused unless new_head. The checkpoint must carry its tokenizer (tasks are encoded with it);
+    a decoder without a pad id takes the tokenizer's pad token, else its end-of-text token."""
+    from lmforge.data.tokenizer import Tokenizer
     from lmforge.io.checkpoints import read_checkpoint
 
     cfg, tensors, side = read_checkpoint(path)
+    if "tokenizer.json" not in side:
+        raise UserError(f"{path} carries no tokenizer.json: fine-tuning encodes the task with the model's own")
+    tok = Tokenizer.from_files(side)
+    pad_token_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if cfg.head == "classifier" and cfg.num_labels != num_labels and not new_head:
         raise UserError(
             f"{path} is a classifier with {cfg.num_labels} labels, the task has {num_labels} "

@@ -79,10 +79,12 @@ class LabelledText:
     fixed_shape = False  # batches differ in length: the loop counts their tokens and FLOPs one by one
     BUCKET_BATCHES = 50
 
-    def __init__(self, data, tokenizer_files: dict[str, bytes], tc: TrainConfig, pad_id: int):
+    def __init__(self, data, tokenizer_files: dict[str, bytes], tc: TrainConfig, pad_id: int | None):
         from lmforge.data.tokenizer import Tokenizer
 
-        self.data, self.tc, self.pad_id = data, tc, pad_id
+        # The model's pad id (a decoder classifier finds each row's last token by it); an encoder may have none, and
+        # its padding is masked anyway, so 0 fills it.
+        self.data, self.tc, self.pad_id = data, tc, pad_id if pad_id is not None else 0
         tok = Tokenizer.from_files(tokenizer_files).backend
         tok.no_padding()
         tok.enable_truncation(tc.seq_len, strategy="longest_first")
