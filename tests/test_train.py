@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
+from lmforge.errors import UserError
+from lmforge.train import loop
 from lmforge.train.loop import Trainer
 from lmforge.train.optim import lr_factor
 from lmforge.train.recipe import load_recipe
@@ -70,7 +72,8 @@ def test_train_end_to_end_writes_run_folder(tmp_path, data_dir, capsys):
     for f in ("metrics.jsonl", "config.yaml", "run.json", "final/config.json", "final/model.safetensors"):
         assert (run / f).exists(), f
     assert len(losses(run)) == 6
-    assert "val loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val loss" in out and "parameters on cpu" in out and "(train.precision auto)" in out
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
@@ -85,6 +88,34 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
     torch.manual_seed(1234)  # any global RNG state: resume must restore its own
     Trainer(load_recipe(cut), resume=True).run()
     assert losses(tmp_path / "b" / "run")[-3:] == losses(tmp_path / "a" / "run")[-3:]
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda native=native: native)
+        assert loop.precision("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+        assert loop.precision("float32", cpu) == torch.float32 and loop.precision("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(UserError, match="train.precision"):
+        loop.precision("fp16", cpu)
+
+
+def test_bf16_autocast_keeps_float32_weights_state_and_loss_and_tracks_float32(tmp_path, data_dir):
+    runs = {}
+    for name in ("float32", "bfloat16"):
+        t = Trainer(load_recipe(recipe_file(tmp_path / name, data_dir, precision=name, sample_prompts=[])))
+        runs[name] = [t.train_step()[0] for _ in range(4)]
+        assert all(p.dtype == torch.float32 for p in t.model.parameters())
+        moments = [v for state in t.optimizer.state.values() for v in state.values() if v.dim()]
+        assert moments and all(v.dtype == torch.float32 for v in moments)
+        batch = t.task.next_batch()
+        with t.autocast():
+            loss, _ = t.objective(t.wrapped, batch)
+            logits = t.wrapped(batch["input_ids"])
+        assert loss.dtype == torch.float32 and logits.dtype == getattr(torch, name)
+    # the same start and batches: bf16 rounding moves the losses a little, not the run
+    assert runs["float32"] != runs["bfloat16"]
+    assert max(abs(a - b) for a, b in zip(runs["float32"], runs["bfloat16"])) < 0.05, runs
 
 
 def test_resume_refuses_another_config(tmp_path, data_dir, capsys):
@@ -105,8 +136,10 @@ def run_cli(recipe: Path, nproc: int) -> None:
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, data_dir, mode):
-    one = recipe_file(tmp_path / "one", data_dir, export_hf=False, sample_prompts=[])
-    two = recipe_file(tmp_path / "two", data_dir, export_hf=False, sample_prompts=[], parallel=mode)
+    # float32: under bf16 autocast each rank's smaller matmuls round differently from the one process's
+    kw = {"export_hf": False, "sample_prompts": [], "precision": "float32"}
+    one = recipe_file(tmp_path / "one", data_dir, **kw)
+    two = recipe_file(tmp_path / "two", data_dir, parallel=mode, **kw)
     run_cli(one, 1)
     run_cli(two, 2)
     a, b = losses(tmp_path / "one" / "run"), losses(tmp_path / "two" / "run")

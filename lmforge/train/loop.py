@@ -40,12 +40,22 @@ from lmforge.train.task import TokenWindows
 
 
 # ---- set-up helpers -----------------------------------------------------------------------------
-def _precision(tc: TrainConfig, device: torch.device) -> torch.dtype:
-    if tc.precision not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"train.precision must be auto, float32 or bfloat16, got {tc.precision!r}")
-    if tc.precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, tc.precision)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX tiles) and this PyTorch build
+    can use them through oneDNN. Elsewhere a bfloat16 matmul is emulated and slower than float32."""
+    flags = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return torch.backends.mkldnn.is_available() and any(f is not None and f() for f in flags)
+
+
+def precision(setting: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of train.precision: auto is bfloat16 on a GPU and on a CPU with native bfloat16 matmuls,
+    float32 elsewhere. Master weights, optimizer state and losses stay float32 either way."""
+    if setting not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"train.precision must be auto, float32 or bfloat16, got {setting!r}")
+    if setting == "auto":
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        return torch.bfloat16 if native else torch.float32
+    return getattr(torch, setting)
 
 
 def _compile_enabled(tc: TrainConfig, device: torch.device) -> bool:
@@ -131,7 +141,7 @@ class Trainer:
         self.recipe, self.tc, self.oc = recipe, tc, recipe.optim
         self.sections, self.resumable_keys = dict(sections or {}), resumable_keys
         self.micro, self.accum = _micro_batch(tc, env.world)
-        self.dtype = _precision(tc, env.device)
+        self.dtype = precision(tc.precision, env.device)
         self.mode = parallel.resolve_mode(tc.parallel, env.world)
         self.flops = flops_per_token(recipe.model, tc.seq_len)
 
@@ -311,6 +321,17 @@ class Trainer:
             rule.load_state_dict(saved_rules.get(rule.name, {}))
 
     # -- the run --
+    def describe(self) -> str:
+        """One line on what runs where: size, device, precision, compilation, parallelism, budget."""
+        n = sum(p.numel() for p in self.model.parameters())
+        prec = "float32" if self.dtype == torch.float32 else f"{str(self.dtype).removeprefix('torch.')} autocast"
+        ranks = f", {self.env.world} ranks ({self.mode})" if self.env.world > 1 else ""
+        return (
+            f"lmforge: {n / 1e6:.2f}M parameters on {self.env.device.type}{ranks}, {prec} (train.precision "
+            f"{self.tc.precision}), compile {'on' if _compile_enabled(self.tc, self.env.device) else 'off'}; "
+            f"{self.tc.steps} steps x {self.tc.batch_size} x {self.tc.seq_len} tokens"
+        )
+
     def _log_eval(self, val: dict[str, float]) -> None:
         tokens, flops = self.progress()
         self.log.log_eval(self.step, tokens, flops, **val)
@@ -319,6 +340,7 @@ class Trainer:
         """Train until train.steps or until a stop rule fires; the summary's "stopped_by" names the rule ("budget"
         when the steps ran out)."""
         tc, env = self.tc, self.env
+        self.log.write(self.describe())
         val0 = self.validate()
         self._log_eval(val0)
         # A fresh run may already meet its goal; a resumed one judged its last evaluation before the save.
