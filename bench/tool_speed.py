@@ -35,11 +35,10 @@ PROMPT = "The history of the English language begins"
 
 
 def tokenizing(tokenizer: str, rounds: int) -> dict:
-    import numpy as np
     from tokenizers import Tokenizer as HFTokenizer
 
     from lmforge.data import corpus, tokenizer_build
-    from lmforge.data.tokens import TokenShardWriter, _tokenize_split
+    from lmforge.data.tokens import TokenShardWriter, _tokenize_split, dtype_for_vocab
 
     _, docs = corpus.collect_documents(True, [])
     texts = [d.text for d in docs]
@@ -52,7 +51,7 @@ def tokenizing(tokenizer: str, rounds: int) -> dict:
             t0 = time.perf_counter()
             if side == "lmforge":
                 with tempfile.TemporaryDirectory() as tmp:
-                    writer = TokenShardWriter(Path(tmp), "train", np.uint16, None)
+                    writer = TokenShardWriter(Path(tmp), "train", dtype_for_vocab(tok.vocab_size), None)
                     counts = _tokenize_split(tok, texts, writer, "tokenizing")
                     writer.finish()
                 tokens[side] = int(counts.sum()) - len(texts)  # without the eos after each document
