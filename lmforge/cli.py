@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "lmforge.commands.distill",
     "lmforge.commands.grow",
     "lmforge.commands.fuse",
+    "lmforge.commands.tie",
     "lmforge.commands.demo",
     "lmforge.commands.finetune",
     "lmforge.commands.eval",

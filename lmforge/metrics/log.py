@@ -102,8 +102,8 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step or 0, unit="step", dynamic_ncols=True)
 
     def _drop_after(self, step: int) -> None:
-        """Keep only complete lines of earlier steps and the training line of `step` itself (a crash can also leave
-        a torn last line): the resumed run logs its evaluation at `step` again, and every later line, once."""
+        """Keep only complete lines of earlier steps and the training and event lines of `step` itself (a crash can
+        also leave a torn last line): the resumed run logs its evaluation at `step` again, every later line once."""
         if not self.path.exists():
             return
         kept = []
@@ -114,7 +114,7 @@ class MetricsLogger:
                 continue
             if not (isinstance(rec, dict) and isinstance(rec.get("step"), int)):
                 continue
-            if rec["step"] < step or (rec["step"] == step and rec.get("loss") is not None):
+            if rec["step"] < step or (rec["step"] == step and (rec.get("loss") is not None or "event" in rec)):
                 kept.append(line + "\n")
         atomic_write_bytes(self.path, "".join(kept).encode())
 
@@ -156,6 +156,17 @@ class MetricsLogger:
             return None
         rec = self._write({"step": step, "tokens": tokens, "flops": flops, "val_loss": val_loss, **extra})
         self.write(self.format_line(rec))
+        return rec
+
+    def log_event(self, step: int, tokens: int, flops: float | None, event: str, **extra: Any) -> dict | None:
+        """Record an event of the run after step `step` (e.g. "untie"); always printed."""
+        if not self.enabled:
+            return None
+        rec = self._write({"step": step, "tokens": tokens, "flops": flops, "event": event, **extra})
+        details = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items() if v is not None
+        )
+        self.write(f"step {step} | {event}" + (f" ({details})" if details else ""))
         return rec
 
     def format_line(self, rec: dict) -> str:

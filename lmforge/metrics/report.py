@@ -34,7 +34,8 @@ def plot_curves(
     val_key: str = "val_loss",
     hline: float | None = None,
 ) -> Path:
-    """One figure: training loss (thin) and validation loss (markers) of every run against `x`."""
+    """One figure: training loss (thin) and validation loss (markers) of every run against `x`; a run's events (e.g.
+    the untie of share-then-untie) as dotted vertical lines in its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +50,8 @@ def plot_curves(
         vx, vy = curve(rows, x, val_key)
         if vx:
             ax.plot(vx, vy, "o-", color=color, markersize=3, linewidth=1.5, label=f"{label} (validation)")
+        for event in (r for r in rows if "event" in r and r.get(x) is not None):
+            ax.axvline(event[x], color=color, linestyle=":", linewidth=1, label=f"{label}: {event['event']}")
     if hline is not None:
         ax.axhline(hline, color="grey", linestyle="--", linewidth=1, label=f"target {hline:.3f}")
     ax.set_xlabel({"flops": "training FLOPs", "tokens": "training tokens", "step": "step"}.get(x, x))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from lmforge.train import checkpoint, parallel
 from lmforge.train.evaluate import Evaluator, micro_batches, rows_of_rank
 from lmforge.train.optim import lr_factor, make_optimizer
 from lmforge.train.recipe import Recipe, TrainConfig
+from lmforge.train.sharing import LayerSharing, ShareConfig
 from lmforge.train.stop import StopRule
 from lmforge.train.task import TokenWindows
 
@@ -114,7 +115,9 @@ class Trainer:
     """Train the recipe's model (or `model`, built by the caller) on `task` (default: token windows of
     recipe.data.path) for `objective` (default: language modelling), until train.steps or the first of `stop_rules`
     that fires. `sections` are config sections beyond the recipe's own (e.g. {"distill": {...}}): recorded in every
-    checkpoint and checked on resume, except for `resumable_keys`, which a resumed run may change."""
+    checkpoint and checked on resume, except for `resumable_keys`, which a resumed run may change. `share` trains
+    groups of layers as shared units until its untie condition holds (train/sharing.py); it is recorded as the
+    "share" section."""
 
     def __init__(
         self,
@@ -126,6 +129,7 @@ class Trainer:
         sections: dict | None = None,
         resumable_keys: tuple[str, ...] = RESUMABLE_KEYS,
         model: Transformer | None = None,
+        share: ShareConfig | None = None,
     ):
         self.env = env = parallel.setup(recipe.train.device)
         tc = recipe.train
@@ -138,8 +142,15 @@ class Trainer:
         else:  # built by the caller (e.g. a checkpoint given a new head): its config is the run's
             recipe = replace(recipe, model=model.config)
         task.check_model(model)
+        self.sharing = None
+        sections = dict(sections or {})
+        if share is not None and share.groups != "none":
+            self.sharing = LayerSharing(share, model.config.num_layers, tc.steps)
+            # the copies start equal; a resumed run's checkpoint then brings its tied (or untied) weights
+            model.load_state_dict(self.sharing.tie(model.state_dict()))
+            sections["share"] = asdict(share)
         self.recipe, self.tc, self.oc = recipe, tc, recipe.optim
-        self.sections, self.resumable_keys = dict(sections or {}), resumable_keys
+        self.sections, self.resumable_keys = sections, resumable_keys
         self.micro, self.accum = _micro_batch(tc, env.world)
         self.dtype = precision(tc.precision, env.device)
         self.mode = parallel.resolve_mode(tc.parallel, env.world)
@@ -218,6 +229,8 @@ class Trainer:
             for name, value in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value.detach() / self.accum
         parallel.all_reduce_grads(self.objective.parameters())  # DDP / FSDP sync the model's gradients, not these
+        if self.sharing is not None:  # tied layers: every copy gets the group's mean gradient
+            self.sharing.after_backward(self.model, self.step + 1)
         gnorm = self._clip()
         self.optimizer.step()
         self.scheduler.step()
@@ -290,6 +303,7 @@ class Trainer:
                 keep_last=self.tc.keep_last,
                 extra={
                     "stop_rules": {rule.name: rule.state_dict() for rule in self.stop_rules},
+                    "sharing": self.sharing.state_dict() if self.sharing is not None else None,
                     "tokens_seen": self.tokens_seen,
                     "flops_seen": self.flops_seen,
                 },
@@ -319,6 +333,8 @@ class Trainer:
         saved_rules = state["extra"].get("stop_rules", {})
         for rule in self.stop_rules:
             rule.load_state_dict(saved_rules.get(rule.name, {}))
+        if self.sharing is not None:
+            self.sharing.load_state_dict(state["extra"].get("sharing") or {})
 
     # -- the run --
     def describe(self) -> str:
@@ -331,6 +347,13 @@ class Trainer:
             f"{self.tc.precision}), compile {'on' if _compile_enabled(self.tc, self.env.device) else 'off'}; "
             f"{self.tc.steps} steps x {self.tc.batch_size} x {self.tc.seq_len} tokens"
         )
+
+    def _untie_if_due(self, val: dict[str, float] | None) -> None:
+        tokens, flops = self.progress()
+        corr = self.sharing.last_corr
+        reason = self.sharing.after_step(self.step, flops, val)
+        if reason is not None:
+            self.log.log_event(self.step, tokens, flops, "untie", reason=reason, grad_corr=corr)
 
     def _log_eval(self, val: dict[str, float]) -> None:
         tokens, flops = self.progress()
@@ -370,6 +393,8 @@ class Trainer:
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
                 val = self.validate()
                 self._log_eval(val)
+            if self.sharing is not None:
+                self._untie_if_due(val)
             stopped_by = self.stop_reason(val)
             if stopped_by is None and tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                 self.save()
