@@ -31,11 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.commands.train import load_train_recipe  # noqa: E402
-from lmforge.experiments.growth import flops_to_reach  # noqa: E402
-from lmforge.experiments.harness import lr_search, paired_bootstrap, provenance, spread, write_result  # noqa: E402
-from lmforge.metrics.report import markdown_table, plot_curves, read_metrics  # noqa: E402
-from lmforge.train.loop import Trainer, run_trainer  # noqa: E402
+from lmforge.experiments.arms import against_baseline, summary_line, train_run, tune_then_claim, verdict_table  # noqa: E402
+from lmforge.experiments.harness import provenance, write_result  # noqa: E402
+from lmforge.metrics.report import plot_curves, read_metrics  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "share-untie-cpu.yaml"
 ARMS = {
@@ -44,39 +42,6 @@ ARMS = {
     "groups4-10": ["--share.groups=consecutive", "--share.size=4", "--share.untie_fraction=0.1"],
     "adaptive": ["--share.groups=all", "--share.grad_corr_below=0.5", "--share.grad_checks=3", "--share.grad_every=10"],
 }
-
-
-def train(arm: str, lr: float, seed: int, steps: int, data: str, out: Path, test: bool, extra: list[str]) -> dict:
-    overrides = [
-        "--share.untie_fraction=0",  # each arm says when it unties
-        *ARMS[arm],
-        f"--data.path={data}",
-        f"--optim.lr={lr}",
-        *([f"--train.steps={steps}"] if steps else []),
-        f"--train.seed={seed}",
-        f"--train.out_dir={out}",
-        f"--train.eval_test={'true' if test else 'false'}",
-        "--train.sample_prompts=[]",
-        "--train.export_hf=false",
-        *extra,
-    ]
-    recipe, sections = load_train_recipe(RECIPE, overrides)
-    t0 = time.perf_counter()
-    _, summary = run_trainer(lambda: Trainer(recipe, share=sections["share"]))
-    rows = read_metrics(out)
-    untie = next((r for r in rows if r.get("event") == "untie"), None)
-    return {
-        "arm": arm,
-        "lr": lr,
-        "seed": seed,
-        "val_loss": summary["val_loss"],
-        "test_loss": summary.get("test_loss"),
-        "flops": summary["flops"],
-        "seconds": round(time.perf_counter() - t0, 1),
-        "untie_step": untie["step"] if untie else None,
-        "untie_reason": untie["reason"] if untie else None,
-        "out_dir": str(out),
-    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,53 +61,21 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--arms: ordinary and others of {', '.join(ARMS)}; --tune-seed not among --seeds")
     if (a.out / "result.json").exists():
         p.error(f"{a.out / 'result.json'} exists: choose another --out")
-    extra = [f"--{kv}" for kv in a.set]
-    grid = [float(x) for x in a.lrs.split(",")]
+    common = [f"--data.path={a.data}", *([f"--train.steps={a.steps}"] if a.steps else []), *(f"--{kv}" for kv in a.set)]
     t_start = time.perf_counter()
 
-    tuning, runs = {}, {}
+    def train(arm: str, lr: float, seed: int, test: bool) -> dict:
+        out = a.work / ("claim" if test else "tune") / arm / (f"seed{seed}" if test else f"lr{lr:g}")
+        # each arm says when it unties: the recipe's own rule is cleared first
+        return train_run(RECIPE, ["--share.untie_fraction=0", *ARMS[arm], *common], arm, lr, seed, out, test)
+
+    tuning, claim, tune_rows = tune_then_claim(train, arms, [float(x) for x in a.lrs.split(",")], seeds, a.tune_seed)
+    verdicts = against_baseline(claim, "ordinary")
     for arm in arms:
+        verdicts[arm]["untie_steps"] = [next((e["step"] for e in r["events"]), None) for r in claim[arm]]
 
-        def score(lr: float, arm: str = arm) -> float:
-            row = train(arm, lr, a.tune_seed, a.steps, a.data, a.work / "tune" / arm / f"lr{lr:g}", False, extra)
-            runs.setdefault("tune", []).append(row)
-            print(json.dumps(row), flush=True)
-            return row["val_loss"]
-
-        tuning[arm] = lr_search(score, grid)
-        print(f"# {arm}: best lr {tuning[arm]['best']:g} of {tuning[arm]['scores']}", flush=True)
-
-    claim: dict[str, list[dict]] = {arm: [] for arm in arms}
-    for seed in seeds:
-        for arm in arms:
-            out = a.work / "claim" / arm / f"seed{seed}"
-            row = train(arm, tuning[arm]["best"], seed, a.steps, a.data, out, True, extra)
-            claim[arm].append(row)
-            print(json.dumps(row), flush=True)
-
-    verdicts = {}
-    for arm in arms:
-        fractions, reached = [], []
-        for row, base in zip(claim[arm], claim["ordinary"]):
-            target = base["test_loss"]
-            pts = [(r["flops"], r["test_loss"]) for r in read_metrics(row["out_dir"]) if r.get("test_loss") is not None]
-            need = flops_to_reach(pts, target)
-            reached.append(need is not None)
-            fractions.append(need / base["flops"] if need is not None else float("nan"))
-        verdicts[arm] = {
-            "flops_fraction_to_reach_ordinary": spread([f for f in fractions if f == f]) if all(reached) else None,
-            "fractions": fractions,
-            "reached": reached,
-            "test_loss": spread([r["test_loss"] for r in claim[arm]]),
-            "test_loss_minus_ordinary": paired_bootstrap(
-                [r["test_loss"] for r in claim[arm]], [r["test_loss"] for r in claim["ordinary"]]
-            ),
-            "untie_steps": [r["untie_step"] for r in claim[arm]],
-            "seconds": spread([r["seconds"] for r in claim[arm]]),
-        }
-
-    curves = {arm: read_metrics(claim[arm][0]["out_dir"]) for arm in arms}
     a.out.mkdir(parents=True, exist_ok=True)
+    curves = {arm: read_metrics(claim[arm][0]["out_dir"]) for arm in arms}
     plot_curves(curves, a.out / "loss_vs_flops.png", title=f"share-then-untie, seed {seeds[0]}", val_key="test_loss")
     result = {
         "provenance": provenance(argv),
@@ -150,38 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
         "tuning": tuning,
         "verdicts": verdicts,
         "claim": claim,
-        "tune_runs": runs.get("tune", []),
+        "tune_runs": tune_rows,
         "seconds_total": round(time.perf_counter() - t_start, 1),
     }
     write_result(a.out / "result.json", result)
-    rows = []
-    for arm, v in verdicts.items():
-        f, d = v["flops_fraction_to_reach_ordinary"], v["test_loss_minus_ordinary"]
-        frac = f"{f['mean']:.3f} (sd {f['std']:.3f})" if f else f"not reached by all seeds {v['fractions']}"
-        rows.append(
-            [
-                arm,
-                f"{tuning[arm]['best']:g}",
-                frac,
-                f"{v['test_loss']['mean']:.4f} (sd {v['test_loss']['std']:.4f})",
-                f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]",
-                str(v["untie_steps"]),
-            ]
-        )
-    header = ["arm", "tuned lr", "FLOPs to ordinary's test loss", "final test loss", "- ordinary [95% CI]", "untie"]
-    (a.out / "report.md").write_text(
-        f"# share-then-untie ({result['provenance']['date']})\n\n" + markdown_table(header, rows) + "\n"
-    )
-    summary = {
-        arm: {
-            "flops_fraction": None
-            if not v["flops_fraction_to_reach_ordinary"]
-            else round(v["flops_fraction_to_reach_ordinary"]["mean"], 3),
-            "test_minus_ordinary": round(v["test_loss_minus_ordinary"]["mean"], 4),
-        }
-        for arm, v in verdicts.items()
-    }
-    print(json.dumps(summary))
+    untie = {arm: str(v["untie_steps"]) for arm, v in verdicts.items()}
+    table = verdict_table(verdicts, tuning, ("untie step", untie))
+    (a.out / "report.md").write_text(f"# share-then-untie ({result['provenance']['date']})\n\n{table}")
+    print(json.dumps(summary_line(verdicts)))
     return result
 
 

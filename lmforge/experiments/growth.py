@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.experiments.harness import flops_to_reach
 from lmforge.model.config import ModelConfig
 from lmforge.train.recipe import OptimConfig, Recipe, build_section, load_recipe_sections
 
@@ -125,18 +126,6 @@ def load_growth_recipe(path: str | Path | None, overrides: list[str] = ()) -> tu
 
 
 # ---- the experiment --------------------------------------------------------------------------------------------
-def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
-    """Training FLOPs at which a validation curve [(flops, loss)] first reaches `target`, interpolated linearly
-    between the evaluation before and the first one at or below it; None if it never does."""
-    for i, (f, v) in enumerate(points):
-        if v <= target:
-            if i == 0:
-                return float(f)
-            f0, v0 = points[i - 1]
-            return float(f0 + (v0 - target) / (v0 - v) * (f - f0))
-    return None
-
-
 def _val_points(rows: list[dict], x: str = "flops", metric: str = "val_loss") -> list[tuple[float, float]]:
     return [(r[x], r[metric]) for r in rows if r.get(metric) is not None and r.get(x) is not None]
 

@@ -84,6 +84,18 @@ def lr_search(
     return {"scores": {f"{lr:g}": scores[lr] for lr in tried}, "best": best, "inside": tried[0] < best < tried[-1]}
 
 
+def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    """Training FLOPs at which a curve [(flops, loss)] first reaches `target`, interpolated linearly between the
+    evaluation before and the first one at or below it; None if it never does."""
+    for i, (f, v) in enumerate(points):
+        if v <= target:
+            if i == 0:
+                return float(f)
+            f0, v0 = points[i - 1]
+            return float(f0 + (v0 - target) / (v0 - v) * (f - f0))
+    return None
+
+
 class Stages:
     """Wall time and FLOPs charged to each named stage of an experiment: `with stages.timed("surgery"):`."""
 

@@ -107,11 +107,13 @@ def model_from_tensors(
         model = Transformer(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
     # Non-persistent buffers are not in checkpoints and to_empty left them uninitialised: recompute each one.
-    unknown = {n for n, _ in model.named_buffers()} - set(model.state_dict()) - {"inv_freq"}
+    unknown = {n for n, _ in model.named_buffers()} - set(model.state_dict()) - {"inv_freq", "heldout.inv_freq"}
     if unknown:
         raise RuntimeError(f"model_from_tensors does not know how to compute buffers {sorted(unknown)}")
     if cfg.position == "rope":  # in float32 whatever the weights' dtype, as HF keeps it
         model.inv_freq = rope_inv_freq(cfg).to(device)
+    if model.heldout is not None:  # the held-out heads' own RoPE, at their head size
+        model.heldout.inv_freq = rope_inv_freq(cfg.replace(head_dim=cfg.heldout_dim_head)).to(device)
     if model.lm_head is not None and cfg.tie_embeddings:  # to_empty gives each name its own storage: re-tie
         model.lm_head.weight = model.embed.tok.weight
     params = model.state_dict(keep_vars=True)

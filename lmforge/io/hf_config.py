@@ -254,6 +254,11 @@ def load_hf_config(folder: str | Path) -> ModelConfig:
 
 
 def check_exportable(cfg: ModelConfig) -> str:
+    if cfg.heldout_layers:
+        raise UserError(
+            "cannot export held-out heads (PSP++) to Hugging Face form: no transformers architecture reads them; "
+            "save it in lmforge form (lmforge convert SRC DST --to lmforge), which lmforge load/eval/generate read"
+        )
     if (cfg.family, cfg.head) not in ARCHITECTURES:
         raise UserError(f"cannot export a {cfg.family} model with a {cfg.head!r} head to Hugging Face form")
     for key, want in FAMILY_SWITCHES[cfg.family].items():

@@ -36,7 +36,7 @@ def _layer_matmul_params(cfg: ModelConfig) -> tuple[int, int]:
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     """Training FLOPs per token (forward + backward) of `cfg` on sequences of `seq_len` tokens.
 
-    Keys: attn_params, mlp_params, head_params (matmul weights touched per token), seq_head_params
+    Keys: attn_params, mlp_params, head_params (matmul weights touched per token), heldout_params, seq_head_params
     (pooler + classifier, run once per sequence), matmul_params (their per-token sum), dense
     (6 * matmul_params), attention (12 * L * H * Dh * T), total (dense + attention) and forward
     (total / 3, for evaluation-only passes)."""
@@ -52,7 +52,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     seq_head = 0
     if cfg.head == "classifier":
         seq_head = (C * C if cfg.pooler else 0) + C * cfg.num_labels
-    matmul = L * (attn + mlp) + head + seq_head / seq_len
+    # PSP++ held-out heads (model/heldout.py): their stream's projections, the wider o_proj of the lower main
+    # layers, and their own LM head (another C x V per token in training), all counted like the main matmuls.
+    heldout = 0
+    if cfg.heldout_layers:
+        W, nd = cfg.heldout_stream, cfg.heldout_heads * cfg.heldout_dim_head
+        heldout = 2 * C * W + cfg.heldout_layers * (4 * W * nd + nd * C) + C * cfg.vocab_size
+    matmul = L * (attn + mlp) + head + seq_head / seq_len + heldout
     # Each matmul weight costs 2 FLOPs (multiply + add) per token forward and 4 backward (grads of
     # the input and of the weight): 6 per weight per token.
     dense = 6.0 * matmul
@@ -60,12 +66,15 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     # so 4 * H * Dh * T forward per token and layer, times 3 for forward + backward = 12 * L * H * Dh * T.
     # Convention: nanoGPT/PaLM, no halving for the causal mask; a sliding window caps the keys seen.
     span = min(seq_len, cfg.sliding_window) if cfg.causal and cfg.sliding_window else seq_len
-    attention = 12.0 * L * cfg.num_heads * cfg.dim_head * span
+    attention = (
+        12.0 * (L * cfg.num_heads * cfg.dim_head + cfg.heldout_layers * cfg.heldout_heads * cfg.heldout_dim_head) * span
+    )
     total = dense + attention
     return {
         "attn_params": L * attn,
         "mlp_params": L * mlp,
         "head_params": head,
+        "heldout_params": heldout,
         "seq_head_params": seq_head,
         "matmul_params": matmul,
         "dense": dense,

@@ -56,6 +56,13 @@ class ModelConfig:
     pad_token_id: int | None = None  # decoder classifiers score the last non-pad token
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # PSP++ held-out heads (model/heldout.py): attention heads of their own in the lower `heldout_layers` layers,
+    # with their own residual stream and LM loss; their outputs join the main heads' before each layer's o_proj.
+    heldout_layers: int = 0  # 0: none
+    heldout_heads: int = 0  # held-out heads per layer
+    heldout_head_dim: int | None = None  # None: the main head size
+    heldout_width: int | None = None  # the held-out stream's width; None: heldout_heads x heldout_head_dim
+    heldout_detach: bool = True  # the main model reads the held-out states detached (False: an ablation)
     # HF fields lmforge does not use but must write back for a faithful export.
     hf_extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -84,6 +91,22 @@ class ModelConfig:
             )
         need(self.position != "rope" or self.dim_head % 2 == 0, f"head_dim {self.dim_head} must be even for RoPE")
         need(self.head != "classifier" or self.num_labels > 0, "a classifier head needs num_labels > 0")
+        if self.heldout_layers:
+            need(0 < self.heldout_layers <= self.num_layers, f"heldout_layers must be in 1..{self.num_layers}")
+            need(self.heldout_heads > 0, "heldout_heads must be positive with heldout_layers")
+            need(self.heldout_dim_head % 2 == 0, f"heldout_head_dim {self.heldout_dim_head} must be even for RoPE")
+            need(
+                self.position == "rope" and self.norm_position == "pre" and self.head == "lm" and self.causal,
+                "held-out heads need a pre-norm causal LM with RoPE",
+            )
+
+    @property
+    def heldout_dim_head(self) -> int:
+        return self.heldout_head_dim or self.dim_head
+
+    @property
+    def heldout_stream(self) -> int:
+        return self.heldout_width or self.heldout_heads * self.heldout_dim_head
 
     @property
     def n_kv_heads(self) -> int:

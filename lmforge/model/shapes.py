@@ -85,7 +85,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         linear(f"{p}attn.q_proj", cfg.num_heads * D, C, cfg.qkv_bias)
         linear(f"{p}attn.k_proj", cfg.n_kv_heads * D, C, cfg.qkv_bias)
         linear(f"{p}attn.v_proj", cfg.n_kv_heads * D, C, cfg.qkv_bias)
-        linear(f"{p}attn.o_proj", C, cfg.num_heads * D, cfg.out_bias)
+        extra = cfg.heldout_heads * cfg.heldout_dim_head if i < cfg.heldout_layers else 0  # held-out heads join
+        linear(f"{p}attn.o_proj", C, cfg.num_heads * D + extra, cfg.out_bias)
         norm(f"{p}mlp_norm")
         if cfg.mlp == "swiglu":
             linear(f"{p}mlp.gate_proj", F, C, cfg.mlp_bias)
@@ -93,6 +94,17 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         linear(f"{p}mlp.down_proj", C, F, cfg.mlp_bias)
     if cfg.final_norm:
         norm("norm")
+    if cfg.heldout_layers:  # model/heldout.py's HeldOut, in its state_dict order
+        W, Dh, n = cfg.heldout_stream, cfg.heldout_dim_head, cfg.heldout_heads
+        linear("heldout.embed_proj", W, C, False)
+        for j in range(cfg.heldout_layers):
+            p = f"heldout.layers.{j}."
+            shapes[f"{p}norm.weight"] = (W,)
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                linear(f"{p}{proj}", n * Dh, W, False)
+            linear(f"{p}o_proj", W, n * Dh, False)
+        shapes["heldout.norm.weight"] = (W,)
+        linear("heldout.out_proj", C, W, False)
     if cfg.pooler:
         linear("pooler.dense", C, C, True)
     if cfg.head == "lm" and not cfg.tie_embeddings:

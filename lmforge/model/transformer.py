@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.heldout import HeldOut
 from lmforge.model.shapes import param_count
 
 
@@ -84,21 +85,24 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_head)
+        """One entry per layer position, then one per held-out layer (model/heldout.py)."""
+        shapes = [(batch, cfg.n_kv_heads, max_len, cfg.dim_head)] * cfg.num_layers
+        shapes += [(batch, cfg.heldout_heads, max_len, cfg.heldout_dim_head)] * cfg.heldout_layers
         return cls(
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+            [torch.zeros(s, device=device, dtype=dtype) for s in shapes],
+            [torch.zeros(s, device=device, dtype=dtype) for s in shapes],
         )
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, extra_in: int = 0):
+        """extra_in: the width of held-out head outputs concatenated with this layer's before o_proj (PSP++)."""
         super().__init__()
         self.n_heads, self.n_kv, self.d = cfg.num_heads, cfg.n_kv_heads, cfg.dim_head
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.d, cfg.hidden_size, bias=cfg.out_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.d + extra_in, cfg.hidden_size, bias=cfg.out_bias)
 
     def forward(
         self,
@@ -108,6 +112,7 @@ class Attention(nn.Module):
         is_causal: bool,
         cache: KVCache | None = None,
         layer: int = 0,
+        extra: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.d).transpose(1, 2)  # (B, H, T, D)
@@ -123,7 +128,10 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
         )  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d))
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.d)
+        if extra is not None:  # held-out heads' outputs (B, T, n*Dh) join this layer's heads
+            y = torch.cat([y, extra.to(y.dtype)], dim=-1)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):
@@ -144,17 +152,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, extra_in: int = 0):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
         self.attn_norm = make_norm(cfg, cfg.hidden_size)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, extra_in)
         self.mlp_norm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope, mask, is_causal, cache=None, layer=0, states=None) -> Tensor:
+    def forward(self, x: Tensor, rope, mask, is_causal, cache=None, layer=0, states=None, extra=None) -> Tensor:
         if self.pre_norm:
-            a = self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer)
+            a = self.attn(self.attn_norm(x), rope, mask, is_causal, cache, layer, extra)
             x = x + a
             x = x + self.mlp(self.mlp_norm(x))
         else:
@@ -192,8 +200,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = Embeddings(cfg)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        extra = cfg.heldout_heads * cfg.heldout_dim_head
+        self.layers = nn.ModuleList(Block(cfg, extra if i < cfg.heldout_layers else 0) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size) if cfg.final_norm else None
+        self.heldout = HeldOut(cfg) if cfg.heldout_layers else None
         if cfg.position == "rope":
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.lm_head = self.classifier = None
@@ -258,7 +268,7 @@ class Transformer(nn.Module):
     ):
         """input_ids (B, T). With return_states, also returns {"hidden": [x_0 .. x_L], "attn": [a_1 .. a_L]}:
         x_0 the embeddings, x_i the output of layer i (before the final norm), a_i layer i's attention
-        output before it joins the residual stream."""
+        output before it joins the residual stream; with held-out heads also "heldout_logits" (B, T, V)."""
         cfg = self.config
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
@@ -269,8 +279,16 @@ class Transformer(nn.Module):
         rope = self.rope(positions, x.dtype)
         mask, is_causal = self._mask(T, start, attention_mask, input_ids.device)
         states = {"hidden": [x], "attn": []} if return_states else None
+        extras: list[Tensor] = []
+        if self.heldout is not None:  # the held-out model first: its states feed the lower main layers
+            extras, final = self.heldout(x.detach(), positions, mask, is_causal, cache, cfg.num_layers)
+            if cfg.heldout_detach:
+                extras = [e.detach() for e in extras]
+            if states is not None:
+                out_embedding = self.lm_head.weight if self.lm_head is not None else self.embed.tok.weight
+                states["heldout_logits"] = self.heldout.logits(final, out_embedding)
         for i, block in enumerate(self.layers):
-            x = block(x, rope, mask, is_causal, cache, i, states)
+            x = block(x, rope, mask, is_causal, cache, i, states, extras[i] if i < len(extras) else None)
             if states is not None:
                 states["hidden"].append(x)
         if cache is not None:

@@ -77,6 +77,8 @@ def target_config(
     layers: int | None = None,
 ) -> ModelConfig:
     """The fused model's config; sizes not given stay the source's (heads follow hidden at fixed head_dim)."""
+    if cfg.heldout_layers:
+        raise UserError("this surgery does not know held-out heads (PSP++): their sizes are tied to the main model's")
     C, D = cfg.hidden_size, cfg.dim_head
     hidden = hidden or C
     if heads is None:

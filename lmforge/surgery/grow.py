@@ -91,6 +91,8 @@ def target_config(
 ) -> ModelConfig:
     """The grown config. Unset sizes follow the hidden factor: FFN scales with it; heads become hidden / head_dim
     when the source has hidden = heads * head_dim and that divides; KV heads keep the group size when they can."""
+    if cfg.heldout_layers:
+        raise UserError("this surgery does not know held-out heads (PSP++): their sizes are tied to the main model's")
     if mode not in MODES:
         raise UserError(f"growth mode {mode!r} is not one of {MODES}")
     d_s, hd, h_s, kv_s = cfg.hidden_size, cfg.dim_head, cfg.num_heads, cfg.n_kv_heads

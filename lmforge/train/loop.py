@@ -435,9 +435,10 @@ class Trainer:
         for prompt, text in zip(self.tc.sample_prompts, samples):
             self.log.write(f"sample | {prompt!r} -> {text!r}")
         if self.tc.export_hf:
-            from lmforge.io.checkpoints import export_hf
+            from lmforge.io.checkpoints import export_hf, save
 
-            export_hf(final, self.out / "final", overwrite=True)
+            # held-out heads (PSP++) have no transformers architecture: the final model is written in lmforge form
+            (save if final.config.heldout_layers else export_hf)(final, self.out / "final", overwrite=True)
         return samples
 
 
