@@ -14,6 +14,7 @@ by seed, with a bootstrap interval).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -21,8 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmforge.experiments.harness import flops_to_reach, lr_search, paired_bootstrap, spread
-from lmforge.metrics.report import markdown_table, read_metrics
+from lmforge.experiments.harness import flops_to_reach, lr_search, paired_bootstrap, provenance, spread, write_result
+from lmforge.metrics.report import markdown_table, plot_curves, read_metrics
 
 Train = Callable[[str, float, int, bool], dict[str, Any]]
 
@@ -123,3 +124,60 @@ def summary_line(verdicts: dict) -> dict:
         }
         for arm, v in verdicts.items()
     }
+
+
+def bench_main(
+    doc: str,
+    recipe: Path,
+    arms: dict[str, list[str]],
+    argv: list[str] | None,
+    work: Path,
+    title: str,
+    column: Callable[[dict, dict], tuple[str, dict[str, str]]] | None = None,
+) -> dict:
+    """The command line of a method benchmark: `arms` (name -> recipe overrides, the first the baseline) tuned and
+    claimed with tune_then_claim, judged with against_baseline; writes OUT/result.json, OUT/report.md (the verdict
+    table, plus column(verdicts, claim) if given) and OUT/loss_vs_flops.png (the first seed's test curves)."""
+    names = list(arms)
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--data", default="runs/data/starter3-bpe4096", help="a token dataset with a test split")
+    p.add_argument("--arms", default=",".join(names), help=f"comma-separated, {names[0]} among them")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--tune-seed", type=int, default=1000)
+    p.add_argument("--lrs", default="1.5e-3,3e-3,6e-3", help="each arm's lr grid (widened as needed)")
+    p.add_argument("--steps", type=int, help="training steps of every run (default: the recipe's)")
+    p.add_argument("--work", type=Path, default=work)
+    p.add_argument("--set", action="append", default=[], help="recipe override section.key=value, every run")
+    a = p.parse_args(argv)
+    chosen, seeds = a.arms.split(","), [int(s) for s in a.seeds.split(",")]
+    if names[0] not in chosen or set(chosen) - set(names) or a.tune_seed in seeds:
+        p.error(f"--arms: {names[0]} and others of {', '.join(names)}; --tune-seed not among --seeds")
+    if (a.out / "result.json").exists():
+        p.error(f"{a.out / 'result.json'} exists: choose another --out")
+    common = [f"--data.path={a.data}", *([f"--train.steps={a.steps}"] if a.steps else []), *(f"--{kv}" for kv in a.set)]
+    t_start = time.perf_counter()
+
+    def train(arm: str, lr: float, seed: int, test: bool) -> dict:
+        out = a.work / ("claim" if test else "tune") / arm / (f"seed{seed}" if test else f"lr{lr:g}")
+        return train_run(recipe, [*arms[arm], *common], arm, lr, seed, out, test)
+
+    tuning, claim, tune_rows = tune_then_claim(train, chosen, [float(x) for x in a.lrs.split(",")], seeds, a.tune_seed)
+    verdicts = against_baseline(claim, names[0])
+    a.out.mkdir(parents=True, exist_ok=True)
+    curves = {arm: read_metrics(claim[arm][0]["out_dir"]) for arm in chosen}
+    plot_curves(curves, a.out / "loss_vs_flops.png", title=f"{title}, seed {seeds[0]}", val_key="test_loss")
+    result = {
+        "provenance": provenance(argv),
+        "setup": {"recipe": recipe.name, "steps": a.steps, "arms": {k: arms[k] for k in chosen}},
+        "tuning": tuning,
+        "verdicts": verdicts,
+        "claim": claim,
+        "tune_runs": tune_rows,
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+    }
+    write_result(a.out / "result.json", result)
+    table = verdict_table(verdicts, tuning, column(verdicts, claim) if column else None)
+    (a.out / "report.md").write_text(f"# {title} ({result['provenance']['date']})\n\n{table}")
+    print(json.dumps(summary_line(verdicts)))
+    return result

@@ -47,10 +47,7 @@ class HeldOutLayer(nn.Module):
         q, k, v = (p(h).view(B, T, self.n, self.d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            end = cache.pos + T
-            cache.k[layer][:, :, cache.pos : end] = k
-            cache.v[layer][:, :, cache.pos : end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            k, v = cache.extend(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, n, T, Dh)
         y = y.transpose(1, 2).reshape(B, T, self.n * self.d)
         return x + self.o_proj(y), y

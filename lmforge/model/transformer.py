@@ -93,6 +93,14 @@ class KVCache:
             [torch.zeros(s, device=device, dtype=dtype) for s in shapes],
         )
 
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's keys and values (B, H, T, D) of cache entry `layer` after the `pos` filled ones; return
+        all of them so far. The model advances `pos` once every layer has written."""
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, extra_in: int = 0):
@@ -121,10 +129,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            end = cache.pos + T
-            cache.k[layer][:, :, cache.pos : end] = k
-            cache.v[layer][:, :, cache.pos : end] = v
-            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            k, v = cache.extend(layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
         )  # (B, H, T, D)

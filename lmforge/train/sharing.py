@@ -79,7 +79,8 @@ class LayerSharing:
         if sc.grad_corr_below and (sc.grad_every < 1 or sc.grad_checks < 1 or not 0 < sc.grad_quorum <= 1):
             raise UserError("share.grad_every and share.grad_checks must be >= 1, share.grad_quorum in (0, 1]")
         self.rules: list[StopRule] = []
-        steps = [s for s in (sc.untie_step, round(sc.untie_fraction * total_steps)) if s]
+        at_fraction = max(1, round(sc.untie_fraction * total_steps)) if sc.untie_fraction else 0
+        steps = [s for s in (sc.untie_step, at_fraction) if s]
         if steps:
             self.rules.append(StepLimit(min(steps)))
         if sc.untie_flops:
