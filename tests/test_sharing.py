@@ -11,7 +11,7 @@ import torch
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.io.checkpoints import load
-from lmforge.surgery.tie import layer_groups, tie_state, unique_parameters
+from lmforge.surgery.tie import sharing_groups, tie_state, unique_parameters
 from lmforge.train.loop import Trainer
 from lmforge.train.recipe import load_recipe_sections
 from lmforge.train.sharing import LayerSharing, ShareConfig
@@ -19,13 +19,13 @@ from tests.test_train import losses, recipe_file, run_cli
 
 
 def test_layer_groups():
-    assert layer_groups(6, "all") == [[0, 1, 2, 3, 4, 5]]
-    assert layer_groups(7, "consecutive", 3) == [[0, 1, 2], [3, 4, 5]]  # a lone last layer shares nothing
-    assert layer_groups(6, "cycle", 2) == [[0, 2, 4], [1, 3, 5]]
-    assert layer_groups(6, "none") == []
+    assert sharing_groups(6, "all") == [[0, 1, 2, 3, 4, 5]]
+    assert sharing_groups(7, "consecutive", 3) == [[0, 1, 2], [3, 4, 5]]  # a lone last layer shares nothing
+    assert sharing_groups(6, "cycle", 2) == [[0, 2, 4], [1, 3, 5]]
+    assert sharing_groups(6, "none") == []
     for bad in (("pairs", 2), ("cycle", 0), ("consecutive", 7)):
         with pytest.raises(UserError, match="share"):
-            layer_groups(6, *bad)
+            sharing_groups(6, *bad)
 
 
 def test_tie_state_makes_each_group_its_mean_and_counts_units_once():

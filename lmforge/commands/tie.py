@@ -12,7 +12,7 @@ import argparse
 import json
 
 from lmforge.errors import UserError
-from lmforge.surgery.tie import GROUPINGS, PARTS, layer_groups, tie_state, unique_parameters
+from lmforge.surgery.tie import GROUPINGS, PARTS, sharing_groups, tie_state, unique_parameters
 
 
 def register(sub) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, tensors, side = read_checkpoint(args.src)
     state = dict(tensors)
     parts = tuple(p for p in args.parts.split(",") if p)
-    groups = layer_groups(cfg.num_layers, args.groups, args.size)
+    groups = sharing_groups(cfg.num_layers, args.groups, args.size)
     if not groups:
         raise UserError(f"--groups {args.groups} --size {args.size} shares no layers of the {cfg.num_layers}")
     tied = tie_state(state, groups, parts, args.rule)

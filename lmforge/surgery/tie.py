@@ -1,6 +1,6 @@
 """Layer sharing as pure functions: which layers share, and a state dict whose shared layers are made equal.
 
-    groups = layer_groups(12, "consecutive", 4)   # [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    groups = sharing_groups(12, "consecutive", 4)   # [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     state = tie_state(state, groups, parts=("attn", "mlp", "norms"), rule="mean")
 
 A shared model here is an ordinary model whose layers within a group hold equal tensors (the parts shared): it
@@ -20,7 +20,7 @@ GROUPINGS = ("none", "all", "consecutive", "cycle")
 PARTS = {"attn": ("attn.",), "mlp": ("mlp.",), "norms": ("attn_norm.", "mlp_norm.")}
 
 
-def layer_groups(num_layers: int, grouping: str, size: int = 0) -> list[list[int]]:
+def sharing_groups(num_layers: int, grouping: str, size: int = 0) -> list[list[int]]:
     """The groups of layers that share one unit, each of at least 2 layers (a lone layer shares nothing).
 
     all: every layer shares one unit. consecutive: blocks of `size` consecutive layers (the last may be shorter).

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import UserError
-from lmforge.surgery.tie import check_parts, layer_groups, shared_names, tie_state
+from lmforge.surgery.tie import check_parts, shared_names, sharing_groups, tie_state
 from lmforge.train.stop import FlopsBudget, Plateau, StepLimit, StopRule
 
 
@@ -69,7 +69,7 @@ class LayerSharing:
     def __init__(self, sc: ShareConfig, num_layers: int, total_steps: int):
         self.sc = sc
         self.parts = check_parts(sc.parts)
-        self.groups = layer_groups(num_layers, sc.groups, sc.size)
+        self.groups = sharing_groups(num_layers, sc.groups, sc.size)
         if not self.groups:
             raise UserError(f"share.groups {sc.groups!r} with size {sc.size} shares no layers")
         if sc.init not in ("first", "mean"):
