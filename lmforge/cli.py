@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "lmforge.commands.grow",
     "lmforge.commands.fuse",
     "lmforge.commands.tie",
+    "lmforge.commands.shrink",
     "lmforge.commands.demo",
     "lmforge.commands.finetune",
     "lmforge.commands.eval",

@@ -9,21 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.commands.finetune import FinetuneConfig
+from lmforge.commands.finetune import load_finetune_recipe
 from lmforge.commands.train import load_train_recipe
 from lmforge.experiments.growth import load_growth_recipe
 from lmforge.metrics.flops import flops_per_token
 from lmforge.model.transformer import Transformer
 from lmforge.objectives.distill import load_distill_recipe
 from lmforge.surgery.grow import target_config
-from lmforge.train.recipe import load_recipe_sections
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 LOADERS = {
     "train": load_train_recipe,
     "distill": lambda path: load_distill_recipe(path),
     "demo": lambda path: load_growth_recipe(path),
-    "finetune": lambda path: load_recipe_sections(path, [], {"finetune": FinetuneConfig}),
+    "finetune": load_finetune_recipe,
 }
 
 

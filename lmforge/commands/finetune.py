@@ -28,7 +28,7 @@ class FinetuneConfig:
     new_head: bool = False  # replace a classifier head of another size instead of refusing
 
 
-def finetune_trainer(recipe: Recipe, fc: FinetuneConfig, resume: bool = False) -> Trainer:
+def finetune_trainer(recipe: Recipe, fc: FinetuneConfig, resume: bool = False, kd=None) -> Trainer:
     from lmforge.data.tokenizer import Tokenizer
     from lmforge.objectives.classify import Classification, model_for_task
     from lmforge.tasks import load_task
@@ -51,15 +51,48 @@ def finetune_trainer(recipe: Recipe, fc: FinetuneConfig, resume: bool = False) -
     if cfg.position == "learned" and tc.seq_len > cfg.max_seq_len:
         raise UserError(f"train.seq_len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
     task = LabelledText(data, model.tokenizer_files, tc, pad_id=cfg.pad_token_id)
+    objective, sections = Classification(data.kind, n), {"finetune": dataclasses.asdict(fc)}
+    if kd is not None and kd.teacher:  # knowledge distillation from a fine-tuned teacher of the same task
+        objective = kd_objective(model, data.kind, n, kd, tc.seed)
+        sections["kd"] = dataclasses.asdict(kd) | {"layer_map": objective.layer_map}
     return Trainer(
         recipe,
         task=task,
-        objective=Classification(data.kind, n),
+        objective=objective,
         resume=resume,
-        sections={"finetune": dataclasses.asdict(fc)},
+        sections=sections,
         resumable_keys=RESUMABLE_KEYS,
         model=model,
     )
+
+
+def kd_objective(student, kind: str, n: int, kd, seed: int):
+    """The distillation objective: the teacher loaded and checked against the student, frozen parameters frozen."""
+    from fnmatch import fnmatchcase
+
+    from lmforge.objectives.classify import model_for_task
+    from lmforge.objectives.classify_kd import ClassifierDistillation
+
+    teacher = model_for_task(kd.teacher, n, seed, False)
+    s_tok, t_tok = (m.tokenizer_files.get("tokenizer.json") for m in (student, teacher))
+    if s_tok != t_tok or student.config.vocab_size != teacher.config.vocab_size:
+        raise UserError(
+            f"kd.teacher {kd.teacher} and the student train.init_from have different tokenizers or vocabularies "
+            f"({teacher.config.vocab_size} and {student.config.vocab_size} tokens): their logits do not align"
+        )
+    Ls, Lt = student.config.num_layers, teacher.config.num_layers
+    layer_map = list(kd.layer_map) or [round((i + 1) * Lt / Ls) - 1 for i in range(Ls)]
+    if kd.feature_weight and (len(layer_map) != Ls or not all(0 <= j < Lt for j in layer_map)):
+        raise UserError(f"kd.layer_map {layer_map}: one teacher layer (0..{Lt - 1}) per student layer ({Ls})")
+    for pattern in kd.freeze:
+        names = [name for name, _ in student.named_parameters() if fnmatchcase(name, pattern)]
+        if not names:
+            raise UserError(f"kd.freeze pattern {pattern!r} matches no parameter of the student")
+    for name, p in student.named_parameters():
+        if any(fnmatchcase(name, pattern) for pattern in kd.freeze):
+            p.requires_grad_(False)
+    print(f"kd: student layer -> teacher layer {dict(enumerate(layer_map))}", flush=True)
+    return ClassifierDistillation(kind, n, kd, teacher, student.config, layer_map)
 
 
 def register(sub) -> None:
@@ -74,9 +107,18 @@ def register(sub) -> None:
     p.set_defaults(func=run, accepts_overrides=True)
 
 
+def load_finetune_recipe(path, overrides=()):
+    """(recipe, {"finetune": FinetuneConfig, "kd": KDConfig}): the sections `lmforge finetune` reads."""
+    from lmforge.objectives.classify_kd import KDConfig
+
+    return load_recipe_sections(path, list(overrides), {"finetune": FinetuneConfig, "kd": KDConfig})
+
+
 def run(args) -> int:
-    recipe, extra = load_recipe_sections(args.recipe, args.overrides, {"finetune": FinetuneConfig})
-    trainer, summary = run_trainer(lambda: finetune_trainer(recipe, extra["finetune"], resume=args.resume))
+    recipe, extra = load_finetune_recipe(args.recipe, args.overrides)
+    trainer, summary = run_trainer(
+        lambda: finetune_trainer(recipe, extra["finetune"], resume=args.resume, kd=extra["kd"])
+    )
     if trainer.env.is_main:
         final = {k: v for k, v in summary.items() if k.startswith(("val_", "test_"))}
         print(f"val loss {summary['val_loss_start']:.4f} -> {summary['val_loss']:.4f} after {summary['steps']} steps; "
