@@ -120,6 +120,9 @@ def test_gradient_and_plateau_conditions_untie(tmp_path, data_dir):
     never = {"groups": "all", "grad_corr_below": -1.5, "grad_every": 1, "grad_checks": 1}
     trainer(tmp_path / "n", data_dir, never, steps=4).run()
     assert events(tmp_path / "n" / "run") == []
+    flops = trainer(tmp_path / "f0", data_dir, {"groups": "all"}, steps=1).flops["total"] * 4 * 32  # per step
+    trainer(tmp_path / "f", data_dir, {"groups": "all", "untie_flops": 2.5 * flops}, steps=5).run()
+    assert [(e["step"], e["reason"]) for e in events(tmp_path / "f" / "run")] == [(3, "flops")]
     plateau = {"groups": "all", "untie_plateau": 1, "plateau_min_delta": 1.0}  # no evaluation gains 100%
     trainer(tmp_path / "p", data_dir, plateau, steps=6, eval_every=2).run()
     assert [(e["step"], e["reason"]) for e in events(tmp_path / "p" / "run")] == [(4, "plateau")]  # best set at step 2
@@ -134,9 +137,10 @@ def test_bad_share_sections_are_one_line_errors(tmp_path, data_dir, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_shared_run_exports_one_copy_per_layer_and_two_ranks_match_one(tmp_path, data_dir):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_shared_run_exports_one_copy_per_layer_and_two_ranks_match_one(tmp_path, data_dir, mode):
     kw = {"export_hf": True, "sample_prompts": [], "precision": "float32"}
-    for name, n, extra in (("one", 1, {}), ("two", 2, {"parallel": "fsdp"})):
+    for name, n, extra in (("one", 1, {}), ("two", 2, {"parallel": mode})):
         recipe = recipe_file(tmp_path / name, data_dir, **kw, **extra)
         text = recipe.read_text() + "share:\n  groups: all\n  untie_step: 3\n"
         recipe.write_text(text)

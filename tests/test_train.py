@@ -164,3 +164,14 @@ def test_resume_before_the_first_checkpoint_starts_over_and_logs_each_step_once(
 
 def rows_of(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_fresh_model_exports_the_datas_end_of_text_and_covers_its_training_length(tmp_path, data_dir, capsys):
+    assert main(["train", str(recipe_file(tmp_path, data_dir, steps=2, sample_prompts=[]))]) == 0
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    exported = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert exported["eos_token_id"] == manifest["eos_id"] is not None
+    capsys.readouterr()
+    too_long = recipe_file(tmp_path / "long", data_dir, seq_len=128)  # the test model's max_seq_len is 64
+    assert main(["train", str(too_long)]) == 2
+    assert "raise model.max_seq_len" in capsys.readouterr().err

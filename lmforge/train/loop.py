@@ -90,8 +90,14 @@ def model_for_recipe(recipe: Recipe, head: str = "lm") -> tuple[Transformer, Rec
     else:
         model = Transformer(recipe.model)
         model.init_weights(generator=torch.Generator().manual_seed(tc.seed))
-    if recipe.model.position == "learned" and tc.seq_len > recipe.model.max_seq_len:
-        raise UserError(f"train.seq_len {tc.seq_len} exceeds the model's max_seq_len {recipe.model.max_seq_len}")
+    # A fresh model must cover its training length (an export would declare the smaller max_position_embeddings);
+    # a checkpoint with RoPE may be trained beyond its recorded length, learned positions never.
+    fresh = not tc.init_from
+    if (fresh or recipe.model.position == "learned") and tc.seq_len > recipe.model.max_seq_len:
+        raise UserError(
+            f"train.seq_len {tc.seq_len} exceeds the model's max_seq_len {recipe.model.max_seq_len}"
+            + (": raise model.max_seq_len" if fresh else "")
+        )
     return model, recipe
 
 
@@ -139,6 +145,11 @@ class Trainer:
         self.task = task = task if task is not None else TokenWindows(recipe.data.path, tc)
         if model is None:
             model, recipe = model_for_recipe(recipe, task.head)
+            eos = getattr(task, "eos_id", None)
+            if not tc.init_from and eos is not None and recipe.model.eos_token_id is None:
+                # the data's end-of-text token, so an export tells transformers' generate where to stop
+                model.config = recipe.model.replace(eos_token_id=eos)
+                recipe = replace(recipe, model=model.config)
         else:  # built by the caller (e.g. a checkpoint given a new head): its config is the run's
             recipe = replace(recipe, model=model.config)
         task.check_model(model)

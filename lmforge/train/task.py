@@ -44,6 +44,11 @@ class TokenWindows:
     def tokenizer_files(self) -> dict[str, bytes]:
         return self.train.tokenizer_files
 
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-text id the data builder put between documents."""
+        return self.train.manifest.get("eos_id")
+
     def check_model(self, model) -> None:
         check_tokenizer_matches(self.train.manifest, model.config.vocab_size, getattr(model, "tokenizer_files", None))
 
