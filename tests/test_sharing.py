@@ -117,6 +117,12 @@ def test_gradient_and_plateau_conditions_untie(tmp_path, data_dir):
     trainer(tmp_path / "g", data_dir, always, steps=5).run()
     (event,) = events(tmp_path / "g" / "run")
     assert event["step"] == 2 and event["reason"] == "gradients" and -1 <= event["grad_corr"] <= 1
+    logged = [
+        r["grad_corr"]
+        for r in map(json.loads, (tmp_path / "g" / "run" / "metrics.jsonl").read_text().splitlines())
+        if "grad_corr" in r and "loss" in r
+    ]
+    assert len(logged) == 2  # checked at steps 1 and 2, then untied
     never = {"groups": "all", "grad_corr_below": -1.5, "grad_every": 1, "grad_checks": 1}
     trainer(tmp_path / "n", data_dir, never, steps=4).run()
     assert events(tmp_path / "n" / "run") == []

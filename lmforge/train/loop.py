@@ -385,6 +385,8 @@ class Trainer:
         while stopped_by is None and self.step < tc.steps:
             t0 = time.perf_counter()
             loss, gnorm, step_metrics = self.train_step()
+            if self.sharing is not None and self.sharing.checked:  # the gradient rule's measurement, every check
+                step_metrics["grad_corr"] = self.sharing.last_corr
             before = tokens
             tokens, flops = self.progress()
             timer.update(tokens - before, time.perf_counter() - t0)

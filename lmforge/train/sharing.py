@@ -88,7 +88,8 @@ class LayerSharing:
         if sc.untie_plateau:
             self.rules.append(Plateau("val_loss", sc.untie_plateau, sc.plateau_min_delta))
         self.state = UntieState()
-        self.last_corr: float | None = None
+        self.last_corr: float | None = None  # the mean adjacent-layer gradient correlation of the latest check
+        self.checked = False  # whether this step's backward ran a check (its value is logged with the step)
 
     @property
     def tied(self) -> bool:
@@ -110,10 +111,12 @@ class LayerSharing:
     @torch.no_grad()
     def after_backward(self, model, step: int) -> None:
         """While tied: check the gradient condition when due, then give every copy the group's mean gradient."""
+        self.checked = False
         if not self.tied:
             return
         groups = self._pairs(model)
-        if self.sc.grad_corr_below and step % self.sc.grad_every == 0:
+        self.checked = bool(self.sc.grad_corr_below) and step % self.sc.grad_every == 0
+        if self.checked:
             self._check_gradients(groups)
         for layers in groups:
             for tensors in zip(*layers):  # one shared tensor, in every layer of the group
