@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.experiments.harness import lr_search, paired_bootstrap, provenance, spread, write_result  # noqa: E402
+from lmforge.experiments.harness import lr_search, paired_bootstrap, provenance, run_lmforge, spread, write_result  # noqa: E402
 from lmforge.metrics.report import markdown_table  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "finetune-minilm-mr.yaml"
@@ -69,15 +68,7 @@ class Student:
 
 
 def lmforge(*args: str, log: Path) -> dict:
-    """`lmforge ARGS` in a fresh process; its last JSON line (the output goes to `log`)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        code = subprocess.run(
-            [sys.executable, "-m", "lmforge.cli", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT
-        )
-    if code.returncode:
-        sys.exit(f"lmforge {args[0]} failed (exit {code.returncode}); see {log}")
-    return json.loads([x for x in log.read_text().splitlines() if x.startswith("{")][-1])
+    return run_lmforge(*args, log=log)[0]
 
 
 def main(argv: list[str] | None = None) -> dict:

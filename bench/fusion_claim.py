@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,24 +31,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.experiments.harness import lr_search, paired_bootstrap, provenance, spread, write_result  # noqa: E402
+from lmforge.experiments.harness import lr_search, paired_bootstrap, provenance, run_lmforge, spread, write_result  # noqa: E402
 from lmforge.metrics.report import markdown_table  # noqa: E402
 
 METHODS = ("fuse", "prune", "prune-refit", "prune-map", "drop", "random")
 
 
 def lmforge(*args: str, log: Path) -> tuple[dict, float]:
-    """Run `lmforge ARGS` with this Python; (its last JSON line, wall seconds); the output goes to `log`."""
-    t0 = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lmforge.cli", *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT
-        )
-    if proc.returncode:
-        sys.exit(f"lmforge {args[0]} failed (exit {proc.returncode}); see {log}")
-    last = [line for line in log.read_text().splitlines() if line.startswith("{")][-1]
-    return json.loads(last), time.perf_counter() - t0
+    return run_lmforge(*args, log=log)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -134,3 +134,20 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def write_result(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_lmforge(*args: str, log: Path) -> tuple[dict[str, Any], float]:
+    """Run `lmforge ARGS` in a fresh process of this Python from the repository root (where relative paths in
+    ARGS point), its output to `log`: (its last JSON line, wall seconds). A failure ends the experiment, naming the
+    log."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        cmd = [sys.executable, "-m", "lmforge.cli", *args]
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"lmforge {args[0]} failed (exit {proc.returncode}); see {log}")
+    last = [line for line in log.read_text().splitlines() if line.startswith("{")][-1]
+    return json.loads(last), time.perf_counter() - t0
