@@ -19,7 +19,6 @@ own keeps "the held-out model" a model: it has its own loss at every step and a 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -65,18 +64,15 @@ class HeldOut(nn.Module):
         self.out_proj = nn.Linear(W, cfg.hidden_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.replace(head_dim=cfg.heldout_dim_head)), persistent=False)
 
-    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, Dh/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
     def forward(
         self, embedded: Tensor, positions: Tensor, mask, is_causal: bool, cache=None, first_layer: int = 0
     ) -> tuple[list[Tensor], Tensor]:
         """embedded (B, T, C), the main token embeddings (detached by the caller) -> (each layer's head outputs
         [(B, T, n*Dh)] * L, the final stream (B, T, W)). Cache entries first_layer + j hold layer j's keys."""
+        from lmforge.model.transformer import rope_cos_sin
+
         x = self.embed_proj(embedded)
-        rope = self.rope(positions, x.dtype)
+        rope = rope_cos_sin(self.inv_freq, positions, x.dtype)  # at the held-out head size
         states = []
         for j, layer in enumerate(self.layers):
             x, y = layer(x, rope, mask, is_causal, cache, first_layer + j)

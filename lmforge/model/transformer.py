@@ -69,6 +69,13 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     return inv_freq
 
 
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(cos, sin), each (T, D), of these positions for frequencies inv_freq (D/2,), computed in float32."""
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # x: (B, H, T, D); cos, sin: (T, D). HF's half-split layout: pairs are (i, i + D/2).
     x1, x2 = x.chunk(2, dim=-1)
@@ -259,9 +266,7 @@ class Transformer(nn.Module):
         """(cos, sin), each (T, D), for these positions; None without RoPE."""
         if self.config.position != "rope":
             return None
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(self.inv_freq, positions, dtype)
 
     def forward(
         self,
