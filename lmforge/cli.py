@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from lmforge.errors import UserError
+from lmforge.errors import Interrupted, UserError
 
 # Modules that define a command; each has register(subparsers).
 COMMAND_MODULES = [
@@ -25,6 +25,8 @@ COMMAND_MODULES = [
     "lmforge.commands.shrink",
     "lmforge.commands.demo",
     "lmforge.commands.finetune",
+    "lmforge.commands.sft",
+    "lmforge.commands.multitask",
     "lmforge.commands.eval",
 ]
 
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         code = 2
+    except Interrupted as e:  # the run saved a checkpoint first
+        print(f"lmforge: {e}", file=sys.stderr)
+        code = 128 + e.signum
     except KeyboardInterrupt:
         print("lmforge: interrupted", file=sys.stderr)
         code = 130

@@ -69,6 +69,16 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     return inv_freq
 
 
+def segment_positions(segment_ids: Tensor) -> Tensor:
+    """(B, T) positions counted from the start of each token's segment, for segment ids non-decreasing along a row."""
+    T = segment_ids.shape[1]
+    idx = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)  # (B, T)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values  # each segment's start
+    return idx - first
+
+
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(cos, sin), each (T, D), of these positions for frequencies inv_freq (D/2,), computed in float32."""
     freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # (T, D/2)
@@ -246,11 +256,13 @@ class Transformer(nn.Module):
         return param_count(self.config)
 
     # ---- forward --------------------------------------------------------------------------------
-    def _mask(self, T: int, start: int, attention_mask: Tensor | None, device) -> tuple[Tensor | None, bool]:
+    def _mask(
+        self, T: int, start: int, attention_mask: Tensor | None, device, segment_ids: Tensor | None = None
+    ) -> tuple[Tensor | None, bool]:
         """Boolean (B|1, 1, T, S) mask (True = attend), or None with is_causal for SDPA's fast path."""
         cfg, S = self.config, start + T
         window = cfg.sliding_window if cfg.causal and cfg.sliding_window and cfg.sliding_window < S else None
-        if attention_mask is None and window is None and (not cfg.causal or start == 0):
+        if attention_mask is None and segment_ids is None and window is None and (not cfg.causal or start == 0):
             return None, cfg.causal
         qpos = torch.arange(start, S, device=device)[:, None]  # (T, 1)
         kpos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -260,6 +272,8 @@ class Transformer(nn.Module):
         mask = mask[None, None]  # (1, 1, T, S)
         if attention_mask is not None:  # (B, S) with 1 = real token, 0 = padding
             mask = mask & attention_mask[:, None, None, :S].bool()
+        if segment_ids is not None:  # (B, T): packed examples attend only inside their own segment
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         return mask, False
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
@@ -275,8 +289,12 @@ class Transformer(nn.Module):
         token_type_ids: Tensor | None = None,
         cache: KVCache | None = None,
         return_states: bool = False,
+        segment_ids: Tensor | None = None,
     ):
-        """input_ids (B, T). With return_states, also returns {"hidden": [x_0 .. x_L], "attn": [a_1 .. a_L]}:
+        """input_ids (B, T). segment_ids (B, T), non-decreasing along each row, packs several sequences into one row:
+        a token attends only to its own segment's, and learned positions restart at each segment, so every packed
+        sequence computes what it computes alone (RoPE needs no restart: its scores depend on relative position
+        only). With return_states, also returns {"hidden": [x_0 .. x_L], "attn": [a_1 .. a_L]}:
         x_0 the embeddings, x_i the output of layer i (before the final norm), a_i layer i's attention
         output before it joins the residual stream; with held-out heads also "heldout_logits" (B, T, V)."""
         cfg = self.config
@@ -284,10 +302,13 @@ class Transformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > cfg.max_seq_len and cfg.position == "learned":
             raise ValueError(f"sequence length {start + T} exceeds max_seq_len {cfg.max_seq_len}")
+        if segment_ids is not None and (cache is not None or not cfg.causal):
+            raise ValueError("segment_ids (packed sequences) are for causal training forwards, without a cache")
         positions = torch.arange(start, start + T, device=input_ids.device)
-        x = self.embed(input_ids, positions, token_type_ids)  # (B, T, C)
+        own = segment_positions(segment_ids) if segment_ids is not None else positions  # learned positions restart
+        x = self.embed(input_ids, own, token_type_ids)  # (B, T, C)
         rope = self.rope(positions, x.dtype)
-        mask, is_causal = self._mask(T, start, attention_mask, input_ids.device)
+        mask, is_causal = self._mask(T, start, attention_mask, input_ids.device, segment_ids)
         states = {"hidden": [x], "attn": []} if return_states else None
         extras: list[Tensor] = []
         if self.heldout is not None:  # the held-out model first: its states feed the lower main layers

@@ -15,6 +15,9 @@ gloo), atomic checkpoints, the metrics log and the FLOPs count.
 from __future__ import annotations
 
 import contextlib
+import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lmforge.errors import UserError
+from lmforge.errors import Diverged, Interrupted, UserError
 from lmforge.metrics import runinfo
 from lmforge.metrics.flops import flops_per_token, mfu
 from lmforge.metrics.log import MetricsLogger, Throughput
@@ -184,12 +187,16 @@ class Trainer:
         has_own = any(True for _ in objective.parameters())
         self.optimized = nn.ModuleDict({"model": model, "objective": objective}) if has_own else model
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.oc, tc.steps))
-        self.evaluator = Evaluator(task.val_batches(), self.micro, env)
+        # A task may evaluate in micro-batches of its own size (no gradients kept: generation gains from wide batches).
+        eval_micro = getattr(task, "eval_micro", None) or self.micro
+        self.evaluator = Evaluator(task.val_batches(), eval_micro, env)
         # The test split is scored beside validation only when asked (train.eval_test): for the claim, never to tune.
-        self.test_evaluator = Evaluator(task.val_batches("test"), self.micro, env) if tc.eval_test else None
+        self.test_evaluator = Evaluator(task.val_batches("test"), eval_micro, env) if tc.eval_test else None
         self.stop_rules = tuple(stop_rules)
         self.step = 0
         self.tokens_seen, self.flops_seen = 0, 0.0  # summed batch by batch when batches differ in shape
+        self.bad_steps, self.skipped_steps = 0, 0  # consecutive / all steps skipped for a non-finite loss or gradient
+        self.signal_received: int | None = None  # SIGTERM / SIGINT: checkpoint at the end of the step, then stop
         objective.prepare(self)
         if resume and checkpoint.find_latest(self.out) is None:  # killed before its first checkpoint was complete
             if env.is_main:
@@ -243,12 +250,19 @@ class Trainer:
         if self.sharing is not None:  # tied layers: every copy gets the group's mean gradient
             self.sharing.after_backward(self.model, self.step + 1)
         gnorm = self._clip()
-        self.optimizer.step()
+        loss = parallel.all_reduce_mean(loss_sum).item()
+        # A non-finite loss or gradient (the same on every rank: both are global) would poison the weights and the
+        # AdamW moments: the update is skipped, the step still counts (its batch is spent, the schedule moves on).
+        finite = math.isfinite(loss) and math.isfinite(gnorm)
+        if finite:
+            self.optimizer.step()
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        self.skipped_steps += not finite
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         metrics = {name: parallel.all_reduce_mean(v).item() for name, v in metric_sums.items()}
-        return parallel.all_reduce_mean(loss_sum).item(), gnorm, metrics
+        return loss, gnorm, metrics
 
     def _clip(self) -> float:
         max_norm = self.oc.grad_clip if self.oc.grad_clip > 0 else float("inf")
@@ -317,6 +331,7 @@ class Trainer:
                     "sharing": self.sharing.state_dict() if self.sharing is not None else None,
                     "tokens_seen": self.tokens_seen,
                     "flops_seen": self.flops_seen,
+                    "skipped_steps": self.skipped_steps,
                 },
                 objective_state=objective_state or None,
             )
@@ -341,6 +356,7 @@ class Trainer:
         self.step = state["step"]
         self.tokens_seen = state["extra"].get("tokens_seen", 0)
         self.flops_seen = state["extra"].get("flops_seen", 0.0)
+        self.skipped_steps = state["extra"].get("skipped_steps", 0)
         saved_rules = state["extra"].get("stop_rules", {})
         for rule in self.stop_rules:
             rule.load_state_dict(saved_rules.get(rule.name, {}))
@@ -372,7 +388,53 @@ class Trainer:
 
     def run(self) -> dict:
         """Train until train.steps or until a stop rule fires; the summary's "stopped_by" names the rule ("budget"
-        when the steps ran out)."""
+        when the steps ran out). SIGTERM (a cluster's preemption) or SIGINT saves a checkpoint at the end of the step
+        and raises Interrupted; train.max_bad_steps non-finite steps in a row raise Diverged, nothing saved."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+
+            def note(signum, frame):
+                if self.signal_received is not None:  # asked twice: stop now, without waiting for the step's end
+                    raise KeyboardInterrupt
+                self.signal_received = signum
+
+            handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._run()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _stop_for_signal(self) -> None:
+        """At a step boundary: if any rank got SIGTERM / SIGINT, all save a checkpoint and stop together."""
+        got = self.signal_received or 0
+        if self.env.world > 1:  # one rank may get it first: agree on it, so every rank joins the save
+            got = int(parallel.all_reduce_max(torch.tensor(float(got), device=self.env.device)).item())
+        if not got:
+            return
+        self.save()
+        self.log.close()
+        name = signal.Signals(got).name
+        raise Interrupted(
+            f"{name} at step {self.step}: checkpoint saved; --resume continues from step {self.step}", got
+        )
+
+    def _check_finite(self, loss: float, gnorm: float) -> None:
+        if self.bad_steps == 0:
+            return
+        tokens, flops = self.progress()
+        self.log.log_event(self.step, tokens, flops, "skipped_nonfinite", loss=loss, grad_norm=gnorm)
+        if self.bad_steps >= self.tc.max_bad_steps:
+            last = checkpoint.find_latest(self.out)
+            self.log.close()
+            raise Diverged(
+                f"training diverged: {self.bad_steps} steps in a row with a non-finite loss or gradient (to step "
+                f"{self.step}; each was skipped); "
+                + (f"the last checkpoint, {last.name}, is intact" if last else "no checkpoint was written")
+                + ": lower optim.lr or raise optim.warmup_steps"
+            )
+
+    def _run(self) -> dict:
         tc, env = self.tc, self.env
         self.log.write(self.describe())
         val0 = self.validate()
@@ -385,6 +447,7 @@ class Trainer:
         while stopped_by is None and self.step < tc.steps:
             t0 = time.perf_counter()
             loss, gnorm, step_metrics = self.train_step()
+            self._check_finite(loss, gnorm)
             if self.sharing is not None and self.sharing.checked:  # the gradient rule's measurement, every check
                 step_metrics["grad_corr"] = self.sharing.last_corr
             before = tokens
@@ -411,6 +474,8 @@ class Trainer:
             stopped_by = self.stop_reason(val)
             if stopped_by is None and tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                 self.save()
+            if self.step < tc.steps and stopped_by is None:
+                self._stop_for_signal()
         if stopped_by is None or val is None:
             val = self.validate()
             self._log_eval(val)
@@ -425,6 +490,7 @@ class Trainer:
             "val_loss": val["val_loss"],
             **{k: v for k, v in val.items() if k.startswith("test_")},  # train.eval_test: the final test metrics
             "stopped_by": stopped_by or "budget",
+            "skipped_steps": self.skipped_steps,
             "samples": samples,
             "out_dir": str(self.out),
             **self.objective.summary(val0, val, tokens),
@@ -434,6 +500,10 @@ class Trainer:
 
     def finish(self) -> list[str]:
         """Gather the full model on rank 0 as a plain module: sample text, export to HF."""
+        if not isinstance(self.model, Transformer):  # a model of its own kind (model/multitask.py) exports itself
+            if self.env.is_main and self.tc.export_hf:
+                self.model.export(self.out / "final")
+            return []
         model_state, _ = self._state()
         if not self.env.is_main:
             return []

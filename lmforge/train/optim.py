@@ -15,7 +15,8 @@ def _decay_groups(module: nn.Module, oc: OptimConfig) -> list[dict]:
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
+        table = name.startswith("embed.") or ".embed." in name  # an embedding, also a multi-task trunk's
+        (decay if p.dim() >= 2 and not table else no_decay).append(p)
     return [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -115,6 +115,14 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """The largest value of a scalar tensor over ranks (identity in one process)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def gather_cpu(value: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's tensor (CPU), in rank order: [value] in one process."""
     if not dist.is_initialized():

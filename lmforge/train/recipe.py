@@ -57,7 +57,10 @@ class TrainConfig:
     keep_last: int = 2
     out_dir: str = "runs/train"
     init_from: str = ""  # start from this checkpoint (HF dir, lmforge dir or .gguf) instead of random
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    precision: str = (
+        "auto"  # auto (bf16 autocast on GPUs and on CPUs with native bf16; docs/training.md) | float32 | bfloat16
+    )
+    max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient (each skipped) before the run stops
     compile: str = "auto"  # auto (on for GPU) | true | false
     parallel: str = "auto"  # auto (ddp if several ranks) | ddp | fsdp | none
     device: str = "auto"  # auto | cpu | cuda

@@ -1,0 +1,58 @@
+"""The self-training round of trace-supervised fine-tuning: the model's own traces, kept by their scores, trained on.
+
+For every training query the model samples `samples` completions (at `temperature`); each is scored against the
+truth (tasks/traces.py) and kept when its answer is right AND its trace scores at least `min_trace` (the fraction of
+the true trace's numbers at their place). The next round trains on the original examples plus the kept traces (as
+in rejection-sampling fine-tuning; STaR keeps only the generated ones). The generation's FLOPs (forward passes over
+prompt and written tokens) are counted, so the round's cost is charged in full.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.metrics.flops import flops_per_token
+from lmforge.objectives.trace_sft import write_completions
+from lmforge.tasks.traces import TraceExample, parse_generation, score_generation
+from lmforge.train.trace_task import TraceTemplate
+
+
+@torch.no_grad()
+def sample_kept_traces(
+    model,
+    template: TraceTemplate,
+    examples: list[TraceExample],
+    samples: int,
+    temperature: float,
+    min_trace: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[list[TraceExample], dict]:
+    """(kept examples, stats): stats count the samples, the kept ones, their answer accuracy, the generation FLOPs."""
+    model.eval()
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    prompts = [template.prompt_ids(ex) for ex in examples]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    kept, n, right, flops = [], 0, 0, 0.0
+    for length, idx in sorted(by_length.items()):
+        for start in range(0, len(idx), batch_size):
+            part = [i for i in idx[start : start + batch_size] for _ in range(samples)]
+            ids = torch.tensor([prompts[i] for i in part], dtype=torch.long)
+            new = write_completions(model, ids, max_new_tokens, template.eos_id, temperature, gen)
+            for i, row in zip(part, new.tolist()):
+                written = [t for t in row if t >= 0]
+                text = template.tok.decode(written)
+                score = score_generation(examples[i], text)
+                n += 1
+                right += int(score["answer"])
+                # each written token was one forward pass over its prefix; the prompt one pass in all
+                T = length + len(written)
+                flops += T * flops_per_token(model.config, max(T, 1))["forward"]
+                if score["answer"] == 1.0 and score["trace_values"] >= min_trace:
+                    steps, _ = parse_generation(text)
+                    kept.append(TraceExample(examples[i].query, tuple(steps), examples[i].response))
+    stats = {"sampled": n, "kept": len(kept), "sample_answer_acc": right / max(n, 1), "generation_flops": flops}
+    return kept, stats
