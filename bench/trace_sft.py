@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tune-seed", type=int, default=1000)
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2")
     p.add_argument("--steps", type=int, help="training steps of every main run (default: the recipe's)")
-    p.add_argument("--round-steps", type=int, default=300, help="steps of the self-training round and its control")
+    p.add_argument("--round-steps", type=int, default=200, help="steps of the self-training round and its control")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-sft")
     p.add_argument("--set", action="append", default=[], help="recipe override section.key=value, every run")
     a = p.parse_args(argv)

@@ -183,7 +183,9 @@ class MetricsLogger:
             parts.append(f"val_kl {rec['val_kl']:.4f}")
         if rec.get("teacher_val_ppl") is not None:
             parts.append(f"teacher_ppl {rec['teacher_val_ppl']:.2f}")
-        for key in ("val_accuracy", "val_f1", "val_mcc", "val_pearson", "test_loss"):  # fine-tuning; eval_test
+        # fine-tuning; trace SFT's generation scores; multi-task's average score; eval_test
+        for key in ("val_accuracy", "val_f1", "val_mcc", "val_pearson", "val_answer_acc", "val_trace_values",
+                    "val_answered", "val_score", "test_loss", "test_answer_acc"):  # fmt: skip
             if rec.get(key) is not None:
                 parts.append(f"{key} {rec[key]:.4f}")
         if rec.get("lr") is not None:

@@ -69,7 +69,27 @@ class TokenWindows:
         self.sampler.load_state_dict(state)
 
 
-class LabelledText:
+class ExampleBatches:
+    """What tasks of encoded examples share: batches of varying shape, and a position that is one integer (batch k
+    is a pure function of (train.seed, k)). Subclasses hold tc, encoded["train"] and batches_drawn."""
+
+    fixed_shape = False  # batches differ in length: the loop counts their tokens and FLOPs one by one
+
+    @staticmethod
+    def batch_tokens(batch: dict[str, Tensor]) -> tuple[int, int]:
+        """(rows, padded length) of a batch: what its forward and backward cost."""
+        return tuple(batch["input_ids"].shape)
+
+    def state_dict(self) -> dict:
+        return {"batches_drawn": self.batches_drawn, "seed": self.tc.seed, "examples": len(self.encoded["train"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.tc.seed or state.get("examples") != len(self.encoded["train"]):
+            raise UserError("cannot resume the data position: the task's seed or training examples differ")
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+class LabelledText(ExampleBatches):
     """Fine-tuning a classifier (or regressor) on labelled text (lmforge.tasks.TaskData), encoded with the model's
     own tokenizer: single sentences or pairs (the tokenizer's pair template: [CLS] a [SEP] b [SEP] with token types
     for BERT), cut to at most train.seq_len tokens. Batches {"input_ids", "attention_mask", "token_type_ids"} (B, T)
@@ -81,7 +101,6 @@ class LabelledText:
     split, sorted by length, in batches of train.batch_size (the last one shorter)."""
 
     head = "classifier"
-    fixed_shape = False  # batches differ in length: the loop counts their tokens and FLOPs one by one
     BUCKET_BATCHES = 50
 
     def __init__(self, data, tokenizer_files: dict[str, bytes], tc: TrainConfig, pad_id: int | None):
@@ -153,16 +172,3 @@ class LabelledText:
         if not rows:
             raise UserError(f"task {self.data.name} has no {split} examples")
         return [self._collate(rows[i : i + size]) for i in range(0, len(rows), size)]
-
-    @staticmethod
-    def batch_tokens(batch: dict[str, Tensor]) -> tuple[int, int]:
-        """(rows, padded length) of a batch: what its forward and backward cost."""
-        return tuple(batch["input_ids"].shape)
-
-    def state_dict(self) -> dict:
-        return {"batches_drawn": self.batches_drawn, "seed": self.tc.seed, "examples": len(self.encoded["train"])}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed") != self.tc.seed or state.get("examples") != len(self.encoded["train"]):
-            raise UserError("cannot resume the data position: the task's seed or training examples differ")
-        self.batches_drawn = int(state["batches_drawn"])

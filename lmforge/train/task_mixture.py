@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import UserError
-from lmforge.train.task import LabelledText
+from lmforge.train.task import ExampleBatches, LabelledText
 
 SAMPLING = ("proportional", "temperature", "round_robin")
 
@@ -70,9 +70,7 @@ class TaskMixture:
                 out.append({**batch, "task": torch.full((batch["input_ids"].shape[0],), i, dtype=torch.long)})
         return out
 
-    @staticmethod
-    def batch_tokens(batch: dict[str, Tensor]) -> tuple[int, int]:
-        return tuple(batch["input_ids"].shape)
+    batch_tokens = staticmethod(ExampleBatches.batch_tokens)
 
     def state_dict(self) -> dict:
         return {"drawn": self.drawn, "seed": self.seed, "tasks": [t.state_dict() for t in self.tasks]}

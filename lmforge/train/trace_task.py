@@ -28,6 +28,7 @@ from torch import Tensor
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.tasks.traces import TraceExample, completion_text
+from lmforge.train.task import ExampleBatches
 
 QUERY, TRACE, RESPONSE = 0, 1, 2
 SPAN_NAMES = ("query", "trace", "response")
@@ -157,11 +158,10 @@ def collate(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[
     return {"input_ids": input_ids, "labels": labels, "spans": spans, "segment_ids": segments}
 
 
-class TraceSequences:
+class TraceSequences(ExampleBatches):
     """The task `lmforge sft` trains: see the module doc. `splits` maps train / validation / test to examples."""
 
     head = "lm"
-    fixed_shape = False  # batches differ in length: the loop counts their tokens and FLOPs one by one
     BUCKET_BATCHES = 50
 
     def __init__(self, splits: dict[str, list[TraceExample]], template: TraceTemplate, tc, with_trace: bool,
@@ -251,15 +251,3 @@ class TraceSequences:
                 batch["split"] = torch.full((len(idx),), int(name == "test"), dtype=torch.long)
                 batches.append(batch)
         return batches
-
-    @staticmethod
-    def batch_tokens(batch: dict[str, Tensor]) -> tuple[int, int]:
-        return tuple(batch["input_ids"].shape)
-
-    def state_dict(self) -> dict:
-        return {"batches_drawn": self.batches_drawn, "seed": self.tc.seed, "examples": len(self.encoded["train"])}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed") != self.tc.seed or state.get("examples") != len(self.encoded["train"]):
-            raise UserError("cannot resume the data position: the task's seed or training examples differ")
-        self.batches_drawn = int(state["batches_drawn"])
