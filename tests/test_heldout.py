@@ -120,6 +120,23 @@ def test_resume_is_exact(tmp_path, data_dir):
     assert losses(tmp_path / "b" / "run")[-3:] == losses(tmp_path / "a" / "run")[-3:]
 
 
+def test_each_parameter_set_is_clipped_by_its_own_norm(tmp_path, data_dir):
+    from lmforge.commands.train import load_train_recipe
+    from lmforge.objectives.heldout import HeldOutLanguageModelling
+
+    recipe, extra = load_train_recipe(psp_recipe(tmp_path, data_dir), ["--optim.grad_clip=1.0"])
+    t = Trainer(recipe, objective=HeldOutLanguageModelling(extra["heldout"]))
+    held = set(map(id, t.model.heldout.parameters()))
+    for p in t.model.parameters():  # main gradients of norm 100 in all, held-out ones of norm 0.5
+        p.grad = torch.zeros_like(p)
+    main_p = [p for p in t.model.parameters() if id(p) not in held]
+    held_p = [p for p in t.model.parameters() if id(p) in held]
+    main_p[0].grad.view(-1)[0], held_p[0].grad.view(-1)[0] = 100.0, 0.5
+    assert t._clip() == pytest.approx((100.0**2 + 0.5**2) ** 0.5)
+    assert main_p[0].grad.view(-1)[0].item() == pytest.approx(1.0, rel=1e-5)  # clipped to 1
+    assert held_p[0].grad.view(-1)[0].item() == 0.5  # untouched by the main set's large norm
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, data_dir, mode):
     run_cli(psp_recipe(tmp_path / "one", data_dir, sample_prompts=[]), 1)

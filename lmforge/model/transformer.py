@@ -251,6 +251,11 @@ class Transformer(nn.Module):
                 s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 nn.init.normal_(p, 0.0, s, generator=generator)
 
+    def separate_parameter_sets(self) -> list[list[nn.Parameter]]:
+        """Parameters that learn from a loss of their own, apart from the rest: the held-out model (PSP++), whose
+        gradients the loop clips by their own norm. With heldout_detach off (the ablation) both losses reach them."""
+        return [list(self.heldout.parameters())] if self.heldout is not None else []
+
     def num_params(self) -> int:
         """Parameters, a tied embedding / LM head counted once (model/shapes.py's count, from the config)."""
         return param_count(self.config)

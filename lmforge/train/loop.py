@@ -265,12 +265,21 @@ class Trainer:
         return loss, gnorm, metrics
 
     def _clip(self) -> float:
+        """Clip the gradients to optim.grad_clip; return their norm (over every set). A model whose parameter sets
+        learn from separate losses (PSP++'s held-out heads) has each set clipped by its own norm, so one loss's
+        large gradients never shrink the other set's step."""
         max_norm = self.oc.grad_clip if self.oc.grad_clip > 0 else float("inf")
-        params = [*self.model.parameters(), *self.objective.parameters()]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
-            norm = norm.full_tensor()
-        return norm.item()
+        separate = [set(map(id, s)) for s in getattr(self.model, "separate_parameter_sets", lambda: [])()]
+        rest = [p for p in self.model.parameters() if not any(id(p) in s for s in separate)]
+        sets = [[*rest, *self.objective.parameters()]]
+        sets += [[p for p in self.model.parameters() if id(p) in s] for s in separate]
+        norms = []
+        for params in sets:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+                norm = norm.full_tensor()
+            norms.append(norm.item())
+        return norms[0] if len(norms) == 1 else math.sqrt(sum(n * n for n in norms))
 
     def validate(self) -> dict[str, float]:
         """The objective's validation metrics averaged over the task's validation batches (all ranks), then the same
