@@ -90,11 +90,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_dir):
     assert losses(tmp_path / "b" / "run")[-3:] == losses(tmp_path / "a" / "run")[-3:]
 
 
-def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+def test_precision_auto_is_bf16_only_where_the_cpu_multiplies_bf16_natively_and_the_model_is_wide(monkeypatch):
     cpu = torch.device("cpu")
     for native in (True, False):
         monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda native=native: native)
-        assert loop.precision("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+        assert loop.precision("auto", cpu, 256) == (torch.bfloat16 if native else torch.float32)
+        assert loop.precision("auto", cpu, 128) == torch.float32  # too narrow for bf16 to pay on a CPU
         assert loop.precision("float32", cpu) == torch.float32 and loop.precision("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(UserError, match="train.precision"):
         loop.precision("fp16", cpu)

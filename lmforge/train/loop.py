@@ -51,13 +51,20 @@ def cpu_has_native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and any(f is not None and f() for f in flags)
 
 
-def precision(setting: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype of train.precision: auto is bfloat16 on a GPU and on a CPU with native bfloat16 matmuls,
-    float32 elsewhere. Master weights, optimizer state and losses stay float32 either way."""
+# Below this width a CPU step is dominated by work bf16 does not speed up (casts, norms, softmax, the optimizer), and
+# autocast's casts make it slower than float32 (bench/precision_by_width.py; bench/RESULTS.md, issue 14).
+CPU_BF16_MIN_WIDTH = 192
+
+
+def precision(setting: str, device: torch.device, hidden_size: int | None = None) -> torch.dtype:
+    """The autocast dtype of train.precision: auto is bfloat16 on a GPU, and on a CPU with native bfloat16 matmuls for
+    models at least CPU_BF16_MIN_WIDTH wide; float32 elsewhere. Master weights, optimizer state and losses stay
+    float32 either way."""
     if setting not in ("auto", "float32", "bfloat16"):
         raise UserError(f"train.precision must be auto, float32 or bfloat16, got {setting!r}")
     if setting == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        wide = hidden_size is None or hidden_size >= CPU_BF16_MIN_WIDTH
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16() and wide)
         return torch.bfloat16 if native else torch.float32
     return getattr(torch, setting)
 
@@ -166,7 +173,7 @@ class Trainer:
         self.recipe, self.tc, self.oc = recipe, tc, recipe.optim
         self.sections, self.resumable_keys = sections, resumable_keys
         self.micro, self.accum = _micro_batch(tc, env.world)
-        self.dtype = precision(tc.precision, env.device)
+        self.dtype = precision(tc.precision, env.device, recipe.model.hidden_size)
         self.mode = parallel.resolve_mode(tc.parallel, env.world)
         self.flops = flops_per_token(recipe.model, tc.seq_len)
 
