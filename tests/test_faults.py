@@ -79,3 +79,66 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_the_same_run(tmp_path, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone
     assert main(["train", str(cut), "--resume"]) == 0
     assert losses(tmp_path / "b" / "run") == losses(tmp_path / "a" / "run")  # each step once, the same losses
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a booby-trapped checkpoint would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_in_a_checkpoint_is_refused_not_run(tmp_path, data_dir, capsys):
+    r = recipe_file(tmp_path, data_dir, sample_prompts=[], export_hf=False)
+    assert main(["train", str(r)]) == 0
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    marker = tmp_path / "pwned"
+    for name in ("train_state.pt", "optimizer.pt"):
+        torch.save({"state": Payload(marker)}, ckpt / name)
+    state = json.loads((ckpt / "state.json").read_text())  # sizes made to match, as an attacker would
+    state["files"] = {f: (ckpt / f).stat().st_size for f in state["files"]}
+    (ckpt / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", str(r), "--resume", "--train.steps=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "corrupt" in err[0]
+    assert not marker.exists()  # refused by weights_only unpickling, never executed
+    (tmp_path / "hf").mkdir()
+    torch.save({"w": Payload(marker)}, tmp_path / "hf" / "pytorch_model.bin")
+    from lmforge.io.hf_config import config_to_hf
+    from lmforge.train.recipe import load_recipe
+
+    config = config_to_hf(load_recipe(r).model)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    assert "pytorch_model.bin" in capsys.readouterr().err  # refused by name: safetensors only
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_losses(tmp_path, data_dir):
+    """10 runs killed with SIGKILL at seeded random moments (before the first checkpoint, between checkpoints, during
+    a checkpoint write, after the end), each resumed with --resume: every one ends with the uninterrupted run's
+    per-step losses, each step logged once."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    kw = {"steps": 16, "ckpt_every": 2, "sample_prompts": [], "export_hf": False, "precision": "float32"}
+    whole = recipe_file(tmp_path / "whole", data_dir, **kw)
+    assert main(["train", str(whole)]) == 0
+    want = losses(tmp_path / "whole" / "run")
+    rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for trial in range(10):
+        r = recipe_file(tmp_path / f"t{trial}", data_dir, **kw)
+        proc = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "train", str(r)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(rng.uniform(1.0, 6.0))  # start-up takes a few seconds; training about as long
+        proc.kill()
+        proc.wait()
+        assert main(["train", str(r), "--resume"]) == 0
+        assert losses(tmp_path / f"t{trial}" / "run") == want, f"trial {trial}"
