@@ -64,7 +64,7 @@ class Student:
         args = [f"--train.init_from={self.students[kind]}", f"--kd.teacher={self.teacher}", f"--optim.lr={lr}"]
         args += [f"--finetune.task={self.task}", f"--train.seed={seed}", f"--train.out_dir={out}"]
         args += [f"--train.steps={self.steps}", f"--train.eval_test={'true' if test else 'false'}", *extra]
-        return lmforge("finetune", str(RECIPE), *args, log=out.with_suffix(".log"))
+        return lmforge("finetune", str(RECIPE), *args, log=out.parent / f"{out.name}.log")  # lr0.0001: no suffix cut
 
 
 def lmforge(*args: str, log: Path) -> dict:
