@@ -168,3 +168,23 @@ def test_bad_multitask_inputs_exit_2(tmp_path, capsys):
     assert main(["multitask", str(recipe(tmp_path, ckpt, [task, task]))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("lmforge: error:") for line in err), err
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    """DDP with branches that sit out other tasks' batches (unused parameters), 2 CPU ranks against one process."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt, tasks = checkpoint(tmp_path, "bert"), [separable_task(tmp_path), topic_task(tmp_path)]
+    got = {}
+    for n in (1, 2):
+        r = recipe(tmp_path / f"n{n}", ckpt, tasks, sampling="round_robin")
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"] if n > 1 else []
+        cmd = [sys.executable, *launch, "-m", "lmforge.cli", "multitask", str(r), "--train.steps=6",
+               "--train.eval_every=3", "--train.export_hf=false"]  # fmt: skip
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[n] = [x["loss"] for x in rows(tmp_path / f"n{n}" / "run") if "loss" in x]
+    assert len(got[1]) == 6 and max(abs(a - b) for a, b in zip(got[1], got[2])) <= 1e-5, got

@@ -72,14 +72,17 @@ def test_spans_cover_query_trace_response_and_labels_stop_at_example_boundaries(
     assert batch["segment_ids"][0].tolist() == [0] * n + [1] * len(answer_only)
 
 
-def test_an_example_cut_to_an_empty_response_is_an_error_naming_it():
+def test_an_example_that_does_not_fit_is_an_error_naming_it_and_so_is_a_short_epoch():
     tc = TrainConfig(seq_len=20, batch_size=2)
     splits = {"train": [EX, EX], "validation": [EX], "test": []}
-    with pytest.raises(UserError, match=r"train example 0 .*empty response.*seq_len 20"):
+    with pytest.raises(UserError, match=r"train example 0 .*more than train.seq_len 20: its response would be cut"):
         TraceSequences(splits, TraceTemplate(chars(), "plain"), tc, True, True, chars())
     task = TraceSequences(splits, TraceTemplate(chars(), "plain"), TrainConfig(seq_len=20, batch_size=2), False,
-                          True, chars())  # fmt: skip  # answer-only fits in 20 tokens
-    assert task.next_batch()["input_ids"].shape[0] <= 2
+                          True, chars())  # fmt: skip  # answer-only fits in 20 tokens, one example a row
+    assert task.next_batch()["input_ids"].shape[0] == 2
+    with pytest.raises(UserError, match="fill 2 rows .* fewer than train.batch_size 4"):
+        TraceSequences(splits, TraceTemplate(chars(), "plain"), TrainConfig(seq_len=20, batch_size=4), False, True,
+                       chars())  # fmt: skip
 
 
 def test_batch_k_is_the_same_whether_drawn_in_order_or_after_a_resume():

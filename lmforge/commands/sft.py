@@ -61,6 +61,11 @@ def _check(sc: SFTConfig) -> None:
         raise UserError("sft.self_train_rounds needs sft.trace, sft.self_train_steps >= 1 and self_train_samples >= 1")
 
 
+def _check_run(recipe, sc: SFTConfig) -> None:
+    if sc.self_train_rounds and not recipe.train.export_hf:
+        raise UserError("sft.self_train_rounds samples from OUT/final: it needs train.export_hf true")
+
+
 def _tokenizer_files(recipe, sc: SFTConfig, train_texts: list[str]) -> dict[str, bytes]:
     from lmforge.data.tokenizer_build import read_tokenizer_files
     from lmforge.train.trace_task import char_tokenizer_files
@@ -85,7 +90,11 @@ def sft_trainer(recipe, sc: SFTConfig, splits: dict, resume: bool = False, stage
 
     texts = [ex.query + "".join(completion_text(ex, True)) for ex in splits["train"]]
     files = _tokenizer_files(recipe, sc, texts)
+    if recipe.train.parallel == "fsdp":
+        raise UserError("sft runs in one process or under DDP (train.parallel ddp), not FSDP: its scoring generates")
     model, recipe = model_for_recipe(recipe, "lm")
+    if not model.config.causal:
+        raise UserError(f"trace fine-tuning needs a causal language model; {recipe.train.init_from} is not causal")
     files = files or getattr(model, "tokenizer_files", None) or {}
     if "tokenizer.json" not in files:
         raise UserError(f"{recipe.train.init_from} carries no tokenizer.json, which trace fine-tuning encodes with")
@@ -107,6 +116,7 @@ def run_sft(recipe, sc: SFTConfig, resume: bool = False) -> dict:
     from lmforge.tasks.traces import trace_splits
 
     _check(sc)
+    _check_run(recipe, sc)
     if sc.test_examples == 0 and recipe.train.eval_test:
         raise UserError("train.eval_test needs sft.test_examples > 0")
     sizes = {"train": sc.train_examples, "validation": sc.val_examples, "test": sc.test_examples}
@@ -134,8 +144,9 @@ def self_train_round(recipe, sc: SFTConfig, splits: dict, last: Path, out: Path,
         model, TraceTemplate(model.tokenizer_files, sc.template), splits["train"], sc.self_train_samples,
         sc.self_train_temperature, sc.self_train_min_trace, sc.max_new_tokens, recipe.train.seed + r,
     )  # fmt: skip
-    print(f"self-training round {r}: kept {stats['kept']} of {stats['sampled']} sampled traces "
-          f"(answers right in {stats['sample_answer_acc']:.1%})", flush=True)  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"self-training round {r}: kept {stats['kept']} of {stats['sampled']} sampled traces "
+              f"(answers right in {stats['sample_answer_acc']:.1%})", flush=True)  # fmt: skip
     summary = continue_training(recipe, sc, {**splits, "train": splits["train"] + kept}, last, out, f"round{r}", resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank samples the same traces; one writes
         (out / "self_train.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -176,5 +187,6 @@ def run(args) -> int:
     summary = run_sft(recipe, extra["sft"], resume=args.resume)
     final = {k: v for k, v in summary.items() if k.startswith(("val_", "test_"))}
     keys = ("steps", "tokens", "flops", "flops_total", "stages")
-    print(json.dumps({**{k: summary[k] for k in keys}, **final}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({**{k: summary[k] for k in keys}, **final}))
     return 0

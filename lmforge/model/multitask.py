@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import Block, Transformer, make_norm
+from lmforge.model.transformer import Block, Transformer, make_norm, sequence_logits
 
 
 class Branch(nn.Module):
@@ -36,6 +36,8 @@ class MultiTaskModel(nn.Module):
 
     `config` is the (K + D)-layer path's config (a classifier of the first task's size): what the loop's FLOPs count
     and describe() read; every task's path costs the same bar its classifier's few outputs."""
+
+    runs_part_per_batch = True  # only the batch's task's branch runs (DDP finds the unused parameters)
 
     def __init__(self, path_cfg: ModelConfig, trunk_layers: int, tasks: dict[str, int]):
         super().__init__()
@@ -62,7 +64,7 @@ class MultiTaskModel(nn.Module):
         task: int = 0,
     ) -> Tensor:
         trunk, branch, cfg = self.trunk, self.branches[task], self.config
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         x = trunk(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)  # (B, T, C)
         rope = trunk.rope(torch.arange(T, device=input_ids.device), x.dtype)
         mask, is_causal = trunk._mask(T, 0, attention_mask, input_ids.device)
@@ -70,14 +72,7 @@ class MultiTaskModel(nn.Module):
             x = block(x, rope, mask, is_causal)
         if branch.norm is not None:
             x = branch.norm(x)
-        if branch.pooler is not None:  # BERT: the first ([CLS]) token through dense + tanh
-            return branch.classifier(torch.tanh(branch.pooler["dense"](x[:, 0])))  # (B, num_labels)
-        # decoders: the last non-pad token (HF's rule), as Transformer._head
-        if cfg.pad_token_id is not None:
-            idx = (torch.arange(T, device=x.device) * (input_ids != cfg.pad_token_id)).argmax(-1)
-        else:
-            idx = torch.full((B,), T - 1, device=x.device)
-        return branch.classifier(x[torch.arange(B, device=x.device), idx])
+        return sequence_logits(x, input_ids, cfg.pad_token_id, branch.pooler, branch.classifier)  # (B, num_labels)
 
     def task_state(self, task: int) -> dict[str, Tensor]:
         """Task `task`'s path under a plain Transformer's names: embed.*, layers.0 .. layers.K+D-1, norm, pooler,

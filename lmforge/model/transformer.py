@@ -69,6 +69,20 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     return inv_freq
 
 
+def sequence_logits(x: Tensor, input_ids: Tensor, pad_token_id: int | None, pooler, classifier: nn.Linear) -> Tensor:
+    """A sequence classifier's logits (B, num_labels) from the last hidden states x (B, T, C): BERT's first ([CLS])
+    token through its pooler (dense + tanh); a decoder's last non-pad token (HF's rule; without a pad id, the last
+    position)."""
+    if pooler is not None:
+        return classifier(torch.tanh(pooler["dense"](x[:, 0])))
+    B, T = input_ids.shape
+    if pad_token_id is not None:
+        idx = (torch.arange(T, device=x.device) * (input_ids != pad_token_id)).argmax(-1)
+    else:
+        idx = torch.full((B,), T - 1, device=x.device)
+    return classifier(x[torch.arange(B, device=x.device), idx])
+
+
 def segment_positions(segment_ids: Tensor) -> Tensor:
     """(B, T) positions counted from the start of each token's segment, for segment ids non-decreasing along a row."""
     T = segment_ids.shape[1]
@@ -340,12 +354,4 @@ class Transformer(nn.Module):
             return self.lm_head(x)  # (B, T, V)
         if self.classifier is None:
             return x  # (B, T, C)
-        if self.pooler is not None:  # BERT: the first ([CLS]) token through dense + tanh
-            return self.classifier(torch.tanh(self.pooler["dense"](x[:, 0])))  # (B, num_labels)
-        # Decoders score the last non-pad token (HF's rule; without a pad id, the last position).
-        T = input_ids.shape[1]
-        if cfg.pad_token_id is not None:
-            idx = (torch.arange(T, device=x.device) * (input_ids != cfg.pad_token_id)).argmax(-1)
-        else:
-            idx = torch.full((x.shape[0],), T - 1, device=x.device)
-        return self.classifier(x[torch.arange(x.shape[0], device=x.device), idx])  # (B, num_labels)
+        return sequence_logits(x, input_ids, cfg.pad_token_id, self.pooler, self.classifier)

@@ -54,6 +54,8 @@ class MultiTaskClassification(Objective):
     def _ratio_weight(self, task: int, loss: Tensor) -> Tensor:
         value = parallel.all_reduce_mean(loss.detach())  # the same buffers on every rank
         with torch.no_grad():
+            if not torch.isfinite(value):  # a step the loop will skip: the running means stay as they were
+                return torch.ones((), device=loss.device)
             if math.isnan(self.first_loss[task].item()):
                 self.first_loss[task] = value
                 self.mean_loss[task] = value
@@ -88,7 +90,7 @@ class MultiTaskClassification(Objective):
         pred = torch.full((logits.shape[0], width), math.nan, device=logits.device)
         pred[:, : logits.shape[1]] = logits.float()
         rows = {"pred": pred, "label": batch["labels"].float(), "task": batch["task"]}
-        return {"val_mixed_loss": self._loss(task, logits, batch["labels"])}, rows
+        return {}, rows  # the losses and scores come from the gathered rows, task by task
 
     def finish_validation(self, values: dict[str, float], rows: Batch | None = None) -> dict[str, float]:
         out, losses, scores = {}, [], []

@@ -87,7 +87,8 @@ class TraceSupervision(Objective):
         if not rows:
             return values
         examples = self.scored[int(rows["split"][0])]
-        texts = [self.template.tok.decode([t for t in row if t >= 0]) for row in rows["generated"].tolist()]
+        tok = self.template.tok
+        texts = [tok.decode([t for t in row if t >= 0], skip_special_tokens=True) for row in rows["generated"].tolist()]
         scores = [score_generation(examples[i], text) for i, text in zip(rows["index"].tolist(), texts)]
         mean = lambda key: sum(s[key] for s in scores) / len(scores)  # noqa: E731
         out = {**values, "val_answer_acc": mean("answer"), "val_answered": mean("answered")}
@@ -102,7 +103,7 @@ class TraceSupervision(Objective):
 def write_completions(model: nn.Module, prompts: Tensor, max_new_tokens: int, eos_id: int | None,
                        temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:  # fmt: skip
     """What the model writes after each prompt (B, Tq) of one length: (B, max_new_tokens) ids, -1 after the end-of-text
-    token (which is dropped) or past what was written."""
+    token (which is dropped) or past what was written. Rows decode in lockstep until the last one ends."""
     from lmforge.model.generate import generate
 
     plain = getattr(model, "module", model)  # DDP keeps the model in .module; generation needs no gradient sync

@@ -174,6 +174,8 @@ class Trainer:
         self.sections, self.resumable_keys = sections, resumable_keys
         self.micro, self.accum = _micro_batch(tc, env.world)
         self.dtype = precision(tc.precision, env.device, recipe.model.hidden_size)
+        if tc.max_bad_steps < 1:
+            raise UserError(f"train.max_bad_steps must be >= 1, got {tc.max_bad_steps}")
         self.mode = parallel.resolve_mode(tc.parallel, env.world)
         self.flops = flops_per_token(recipe.model, tc.seq_len)
 
@@ -416,10 +418,14 @@ class Trainer:
 
             handlers = {sig: signal.signal(sig, note) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            return self._run()
+            summary = self._run()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+        if self.signal_received is not None:  # came during the last step, evaluation or export: all of it is saved
+            name = signal.Signals(self.signal_received).name
+            raise Interrupted(f"{name} after the run's last step: its final checkpoint is saved", self.signal_received)
+        return summary
 
     def _stop_for_signal(self) -> None:
         """At a step boundary: if any rank got SIGTERM / SIGINT, all save a checkpoint and stop together."""

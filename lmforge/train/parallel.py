@@ -92,7 +92,10 @@ def parallelize(model: nn.Module, mode: str, env: DistEnv, param_dtype: torch.dt
         return model
     if mode == "ddp":
         ids = [env.local_rank] if env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # A model that runs only part of itself per batch (multi-task: one task's branch) leaves the other parts
+        # without gradients, which DDP must be told to expect.
+        partial = getattr(model, "runs_part_per_batch", False)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=partial)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -42,15 +42,17 @@ def sample_kept_traces(
             part = [i for i in idx[start : start + batch_size] for _ in range(samples)]
             ids = torch.tensor([prompts[i] for i in part], dtype=torch.long)
             new = write_completions(model, ids, max_new_tokens, template.eos_id, temperature, gen)
+            # The batch decodes in lockstep until its longest row ends (its end token included): every row pays
+            # for the prompt and that many steps, a forward pass each, at about the final length's attention cost.
+            steps = min(max_new_tokens, int((new >= 0).sum(1).max()) + 1)
+            T = length + steps
+            flops += len(part) * T * flops_per_token(model.config, T)["forward"]
             for i, row in zip(part, new.tolist()):
                 written = [t for t in row if t >= 0]
-                text = template.tok.decode(written)
+                text = template.tok.decode(written, skip_special_tokens=True)
                 score = score_generation(examples[i], text)
                 n += 1
                 right += int(score["answer"])
-                # each written token was one forward pass over its prefix; the prompt one pass in all
-                T = length + len(written)
-                flops += T * flops_per_token(model.config, max(T, 1))["forward"]
                 if score["answer"] == 1.0 and score["trace_values"] >= min_trace:
                     steps, _ = parse_generation(text)
                     kept.append(TraceExample(examples[i].query, tuple(steps), examples[i].response))

@@ -8,8 +8,8 @@ Templates:
             as the user's message, the trace and answer lines above as the assistant's
     auto    chat when the tokenizer has a template, else plain
 The pieces are tokenized separately and concatenated, so span boundaries are exact. An example longer than
-train.seq_len is cut from the end; one whose response (or, when trained on, trace) is then empty is an error naming
-it, found when the data is built, never a silent zero loss.
+train.seq_len (its response, last, would be cut) is an error naming it, found when the data is built: no run trains on
+a cut answer or an all-zero mask.
 
 Training batches: each epoch (a seeded shuffle) packs examples one after another into rows of at most seq_len tokens
 (`pack`), with segment ids so attention stays inside each example; without packing a row holds one example. Rows are
@@ -117,20 +117,21 @@ class TraceTemplate:
 def encode_examples(
     template: TraceTemplate, examples: list[TraceExample], with_trace: bool, seq_len: int, split: str
 ) -> list[tuple[list[int], list[int]]]:
-    """Every example as (ids, spans) cut to seq_len; an example left without a response (or a trace it has, when
-    traces are trained) is a UserError naming it."""
+    """Every example as (ids, spans). The response comes last, so an example longer than seq_len would lose (part
+    of) its response: that, and an example whose response or trace (when traces are trained) templates to nothing,
+    is a UserError naming it, never a silently cut or empty target."""
     out = []
     for i, ex in enumerate(examples):
         ids, spans = template.encode(ex, with_trace)
-        ids, spans = ids[:seq_len], spans[:seq_len]
-        need = [RESPONSE] + ([TRACE] if with_trace and ex.trace else [])
-        for span in need:
+        if len(ids) > seq_len:
+            raise UserError(
+                f"{split} example {i} ({ex.query[:40]!r}) is {len(ids)} tokens after templating, more than "
+                f"train.seq_len {seq_len}: its response would be cut; raise train.seq_len or drop the example"
+            )
+        for span in [RESPONSE] + ([TRACE] if with_trace and ex.trace else []):
             if span not in spans:
-                raise UserError(
-                    f"{split} example {i} ({ex.query[:40]!r}...) has an empty {SPAN_NAMES[span]} after templating and "
-                    f"cutting to train.seq_len {seq_len} (it is {len(template.encode(ex, with_trace)[0])} tokens): "
-                    "raise train.seq_len or drop the example"
-                )
+                what = SPAN_NAMES[span]
+                raise UserError(f"{split} example {i} ({ex.query[:40]!r}) has an empty {what} after templating")
         out.append((ids, spans))
     return out
 
@@ -175,7 +176,7 @@ class TraceSequences(ExampleBatches):
             raise UserError("the trace data has no training examples")
         self.batches_drawn = 0
         self._epoch: tuple[int, list[list[list[int]]]] | None = None  # the last epoch's batches
-        self._epoch_sizes: list[int] = []  # batches in each epoch so far
+        self._epoch_sizes: list[int] = [len(self._epoch_batches(0))]  # batches in each epoch so far (checks epoch 0)
 
     @property
     def eos_id(self) -> int | None:
@@ -206,7 +207,12 @@ class TraceSequences(ExampleBatches):
             rng = np.random.default_rng([self.tc.seed % (1 << 64), epoch])
             rows = self._rows(rng.permutation(len(train)).tolist())
             size = self.tc.batch_size
-            rows = rows[: max(1, len(rows) // size) * size] if len(rows) >= size else rows
+            if len(rows) < size:  # every batch must hold batch_size rows: the loss is averaged as if it did
+                raise UserError(
+                    f"the {len(train)} training examples fill {len(rows)} rows of train.seq_len {self.tc.seq_len} "
+                    f"tokens, fewer than train.batch_size {size}: lower train.batch_size or add examples"
+                )
+            rows = rows[: len(rows) // size * size]  # full batches only
             length = lambda row: sum(len(train[i][0]) for i in row)  # noqa: E731
             chunk, batches = size * self.BUCKET_BATCHES, []
             for start in range(0, len(rows), chunk):
