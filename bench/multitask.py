@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.experiments.harness import lr_search, paired_bootstrap, provenance, run_lmforge, spread, write_result  # noqa: E402
+from lmforge.experiments.harness import lr_search, paired_bootstrap, run_lmforge, spread, write_claim_result  # noqa: E402
 from lmforge.metrics.report import markdown_table  # noqa: E402
 
 SETTINGS = ROOT / "recipes" / "finetune-minilm-mr.yaml"
@@ -167,16 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": spread([sum(r["seconds"] for r in claim[arm] if r["seed"] == s) for s in seeds]),
         }
     a.out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "provenance": provenance(argv),
-        "setup": vars(a) | {"out": str(a.out), "work": str(a.work), "metrics": metric},
-        "tuning": tuning,
-        "verdicts": verdicts,
-        "claim": claim,
-        "tune_runs": tune_rows,
-        "seconds_total": round(time.perf_counter() - t_start, 1),
-    }
-    write_result(a.out / "result.json", result)
+    setup = vars(a) | {"out": str(a.out), "work": str(a.work), "metrics": metric}
+    result = write_claim_result(a.out / "result.json", argv, setup, tuning, verdicts, claim, tune_rows, t_start)
     header = ["arm", "mean test score (sd)", "minus single [95% CI]", *(names[t] for t in tasks)]
     header += ["parameters", "seconds / seed"]
     rows = [[arm, f"{v['test_mean_score']['mean']:.4f} ({v['test_mean_score']['std']:.4f})",

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lmforge.experiments.harness import lr_search, paired_bootstrap, provenance, spread, write_result  # noqa: E402
+from lmforge.experiments.harness import lr_search, paired_bootstrap, spread, write_claim_result  # noqa: E402
 from lmforge.metrics.report import markdown_table, read_metrics  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "sft-addition-cpu.yaml"
@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     a.out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(claim, a.out / "accuracy.png")
-    result = {
-        "provenance": provenance(argv),
-        "setup": {
+    setup = {
             "recipe": RECIPE.name,
             "data": a.data,
             "steps": a.steps,
@@ -133,14 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             "sizes": sizes,
             "seeds": seeds,
             "set": a.set,
-        },  # fmt: skip
-        "tuning": tuning,
-        "verdicts": verdicts,
-        "claim": claim,
-        "tune_runs": tune_rows,
-        "seconds_total": round(time.perf_counter() - t_start, 1),
-    }
-    write_result(a.out / "result.json", result)
+        }  # fmt: skip
+    result = write_claim_result(a.out / "result.json", argv, setup, tuning, verdicts, claim, tune_rows, t_start)
     (a.out / "report.md").write_text(f"# Trace SFT on {a.data} ({result['provenance']['date']})\n\n" + report(verdicts))
     print(json.dumps({n: {arm: v["test_answer_acc"]["mean"] for arm, v in vs.items()} for n, vs in verdicts.items()}))
     return result

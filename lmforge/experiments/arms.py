@@ -22,7 +22,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmforge.experiments.harness import flops_to_reach, lr_search, paired_bootstrap, provenance, spread, write_result
+from lmforge.experiments.harness import (
+    flops_to_reach,
+    lr_search,
+    paired_bootstrap,
+    spread,
+    write_claim_result,
+)
 from lmforge.metrics.report import markdown_table, plot_curves, read_metrics
 
 Train = Callable[[str, float, int, bool], dict[str, Any]]
@@ -167,16 +173,8 @@ def bench_main(
     a.out.mkdir(parents=True, exist_ok=True)
     curves = {arm: read_metrics(claim[arm][0]["out_dir"]) for arm in chosen}
     plot_curves(curves, a.out / "loss_vs_flops.png", title=f"{title}, seed {seeds[0]}", val_key="test_loss")
-    result = {
-        "provenance": provenance(argv),
-        "setup": {"recipe": recipe.name, "steps": a.steps, "arms": {k: arms[k] for k in chosen}},
-        "tuning": tuning,
-        "verdicts": verdicts,
-        "claim": claim,
-        "tune_runs": tune_rows,
-        "seconds_total": round(time.perf_counter() - t_start, 1),
-    }
-    write_result(a.out / "result.json", result)
+    setup = {"recipe": recipe.name, "steps": a.steps, "arms": {k: arms[k] for k in chosen}}
+    result = write_claim_result(a.out / "result.json", argv, setup, tuning, verdicts, claim, tune_rows, t_start)
     table = verdict_table(verdicts, tuning, column(verdicts, claim) if column else None)
     (a.out / "report.md").write_text(f"# {title} ({result['provenance']['date']})\n\n{table}")
     print(json.dumps(summary_line(verdicts)))

@@ -136,6 +136,22 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def write_claim_result(path: Path, argv, setup: dict, tuning: dict, verdicts: dict, claim: dict, tune_rows: list,
+                       t_start: float) -> dict[str, Any]:  # fmt: skip
+    """A tuned-then-claimed benchmark's result.json, in the one layout every such benchmark writes."""
+    result = {
+        "provenance": provenance(argv),
+        "setup": setup,
+        "tuning": tuning,
+        "verdicts": verdicts,
+        "claim": claim,
+        "tune_runs": tune_rows,
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+    }
+    write_result(path, result)
+    return result
+
+
 def run_lmforge(*args: str, log: Path) -> tuple[dict[str, Any], float]:
     """Run `lmforge ARGS` in a fresh process of this Python from the repository root (where relative paths in
     ARGS point), its output to `log`: (its last JSON line, wall seconds). A failure ends the experiment, naming the
