@@ -34,7 +34,6 @@ class MultiTaskConfig:
 
 
 def multitask_trainer(recipe, mc: MultiTaskConfig, resume: bool = False) -> Trainer:
-    from lmforge.io.checkpoints import read_checkpoint
     from lmforge.model.multitask import multitask_from_checkpoint
     from lmforge.objectives.multitask import MultiTaskClassification
     from lmforge.tasks import load_task
@@ -53,8 +52,7 @@ def multitask_trainer(recipe, mc: MultiTaskConfig, resume: bool = False) -> Trai
     if len(set(names)) != len(names):
         raise UserError(f"multitask.tasks name the same task twice: {names}")
     sizes = {d.name: len(d.labels) if d.kind == "classification" else 1 for d in datas}
-    trunk = mc.trunk_layers if mc.trunk_layers >= 0 else read_checkpoint(tc.init_from)[0].num_layers - mc.branch_layers
-    model = multitask_from_checkpoint(tc.init_from, sizes, trunk, mc.branch_layers, mc.branch_init, tc.seed)
+    model = multitask_from_checkpoint(tc.init_from, sizes, mc.trunk_layers, mc.branch_layers, mc.branch_init, tc.seed)
     pad = model.config.pad_token_id
     tasks = [LabelledText(d, model.tokenizer_files, tc, pad_id=pad) for d in datas]
     mixture = TaskMixture(names, tasks, mc.sampling, mc.temperature, tc.seed)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.train import parallel
 from lmforge.train.loop import RESUMABLE_KEYS, Trainer, run_trainer
 from lmforge.train.recipe import load_recipe_sections
 
@@ -144,11 +144,11 @@ def self_train_round(recipe, sc: SFTConfig, splits: dict, last: Path, out: Path,
         model, TraceTemplate(model.tokenizer_files, sc.template), splits["train"], sc.self_train_samples,
         sc.self_train_temperature, sc.self_train_min_trace, sc.max_new_tokens, recipe.train.seed + r,
     )  # fmt: skip
-    if int(os.environ.get("RANK", "0")) == 0:
+    if parallel.is_main_rank():
         print(f"self-training round {r}: kept {stats['kept']} of {stats['sampled']} sampled traces "
               f"(answers right in {stats['sample_answer_acc']:.1%})", flush=True)  # fmt: skip
     summary = continue_training(recipe, sc, {**splits, "train": splits["train"] + kept}, last, out, f"round{r}", resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank samples the same traces; one writes
+    if parallel.is_main_rank():  # under torchrun every rank samples the same traces; one writes
         (out / "self_train.json").write_text(json.dumps(stats, indent=1) + "\n")
     return summary, stats
 
@@ -187,6 +187,6 @@ def run(args) -> int:
     summary = run_sft(recipe, extra["sft"], resume=args.resume)
     final = {k: v for k, v in summary.items() if k.startswith(("val_", "test_"))}
     keys = ("steps", "tokens", "flops", "flops_total", "stages")
-    if int(os.environ.get("RANK", "0")) == 0:
+    if parallel.is_main_rank():
         print(json.dumps({**{k: summary[k] for k in keys}, **final}))
     return 0

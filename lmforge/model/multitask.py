@@ -114,7 +114,8 @@ class MultiTaskModel(nn.Module):
 def multitask_from_checkpoint(
     path: str, tasks: dict[str, int], trunk_layers: int, branch_layers: int, branch_init: str, seed: int
 ) -> MultiTaskModel:
-    """The checkpoint's embeddings and lower `trunk_layers` layers as the trunk, and per task `branch_layers` layers
+    """The checkpoint's embeddings and lower `trunk_layers` layers (-1: all but the branches') as the trunk, and per
+    task `branch_layers` layers
     (copies of its layers trunk_layers.. when branch_init is "upper", else fresh), its final norm and pooler
     (copied into every branch) and a fresh classifier of the task's size. The tokenizer travels along."""
     import sys
@@ -127,7 +128,8 @@ def multitask_from_checkpoint(
     cfg, tensors, side = read_checkpoint(path)
     if "tokenizer.json" not in side:
         raise UserError(f"{path} carries no tokenizer.json: tasks are encoded with the model's own")
-    K, D, L = trunk_layers, branch_layers, cfg.num_layers
+    L, D = cfg.num_layers, branch_layers
+    K = trunk_layers if trunk_layers >= 0 else L - D
     if branch_init not in ("upper", "fresh"):
         raise UserError(f"multitask.branch_init must be upper or fresh, got {branch_init!r}")
     if K < 1:

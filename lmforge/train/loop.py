@@ -278,10 +278,10 @@ class Trainer:
         learn from separate losses (PSP++'s held-out heads) has each set clipped by its own norm, so one loss's
         large gradients never shrink the other set's step."""
         max_norm = self.oc.grad_clip if self.oc.grad_clip > 0 else float("inf")
-        separate = [set(map(id, s)) for s in getattr(self.model, "separate_parameter_sets", lambda: [])()]
-        rest = [p for p in self.model.parameters() if not any(id(p) in s for s in separate)]
-        sets = [[*rest, *self.objective.parameters()]]
-        sets += [[p for p in self.model.parameters() if id(p) in s] for s in separate]
+        separate = getattr(self.model, "separate_parameter_sets", list)()
+        apart = {id(p) for params in separate for p in params}
+        rest = [p for p in self.model.parameters() if id(p) not in apart]
+        sets = [[*rest, *self.objective.parameters()], *separate]
         norms = []
         for params in sets:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

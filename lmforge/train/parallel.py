@@ -29,6 +29,11 @@ class DistEnv:
         return self.rank == 0
 
 
+def is_main_rank() -> bool:
+    """Rank 0 under torchrun, or a lone process: the one that prints and writes what all ranks computed alike."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: str = "auto") -> DistEnv:
     """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

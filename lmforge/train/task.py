@@ -74,6 +74,18 @@ class ExampleBatches:
     is a pure function of (train.seed, k)). Subclasses hold tc, encoded["train"] and batches_drawn."""
 
     fixed_shape = False  # batches differ in length: the loop counts their tokens and FLOPs one by one
+    BUCKET_BATCHES = 50
+
+    def _bucketed(self, items: list, length, rng: np.random.Generator) -> list[list]:
+        """An epoch's batches of train.batch_size items, little of them padding: the items (in their shuffled order)
+        cut into chunks of BUCKET_BATCHES batches, each chunk sorted by length(item) and cut into batches, and the
+        batches shuffled with `rng`."""
+        size = self.tc.batch_size
+        chunk, batches = size * self.BUCKET_BATCHES, []
+        for start in range(0, len(items), chunk):
+            part = sorted(items[start : start + chunk], key=length)
+            batches += [part[i : i + size] for i in range(0, len(part), size)]
+        return [batches[i] for i in rng.permutation(len(batches))]
 
     @staticmethod
     def batch_tokens(batch: dict[str, Tensor]) -> tuple[int, int]:
@@ -101,7 +113,6 @@ class LabelledText(ExampleBatches):
     split, sorted by length, in batches of train.batch_size (the last one shorter)."""
 
     head = "classifier"
-    BUCKET_BATCHES = 50
 
     def __init__(self, data, tokenizer_files: dict[str, bytes], tc: TrainConfig, pad_id: int | None):
         from lmforge.data.tokenizer import Tokenizer
@@ -152,12 +163,8 @@ class LabelledText(ExampleBatches):
         if self._epoch is None or self._epoch[0] != epoch:
             rng = np.random.default_rng([self.tc.seed % (1 << 64), epoch])
             order = rng.permutation(len(self.encoded["train"]))[: self.batches_per_epoch * self.tc.batch_size]
-            size, chunk = self.tc.batch_size, self.tc.batch_size * self.BUCKET_BATCHES
-            batches = []
-            for start in range(0, len(order), chunk):
-                part = sorted(order[start : start + chunk].tolist(), key=lambda i: len(self.encoded["train"][i][0]))
-                batches += [part[i : i + size] for i in range(0, len(part), size)]
-            self._epoch = (epoch, [batches[i] for i in rng.permutation(len(batches))])
+            batches = self._bucketed(order.tolist(), lambda i: len(self.encoded["train"][i][0]), rng)
+            self._epoch = (epoch, batches)
         return self._epoch[1]
 
     def next_batch(self) -> dict[str, Tensor]:

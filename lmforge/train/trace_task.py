@@ -136,6 +136,15 @@ def encode_examples(
     return out
 
 
+def by_prompt_length(order: list[int], lengths: list[int], size: int) -> list[list[int]]:
+    """Example indices (taken in `order`) grouped by prompt length, each group (in the order its first index comes)
+    cut into chunks of at most `size`: rows that can be generated from at once, with no padding."""
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(lengths[i], []).append(i)
+    return [group[s : s + size] for group in groups.values() for s in range(0, len(group), size)]
+
+
 def collate(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, Tensor]:
     """Rows, each a list of packed (ids, spans) examples, as {"input_ids", "labels", "spans", "segment_ids"} (B, T):
     labels are the next token inside the same example (-100 across a boundary and on padding), spans the span of
@@ -163,7 +172,6 @@ class TraceSequences(ExampleBatches):
     """The task `lmforge sft` trains: see the module doc. `splits` maps train / validation / test to examples."""
 
     head = "lm"
-    BUCKET_BATCHES = 50
 
     def __init__(self, splits: dict[str, list[TraceExample]], template: TraceTemplate, tc, with_trace: bool,
                  pack: bool, tokenizer_files: dict[str, bytes], eval_batch_size: int = 256):  # fmt: skip
@@ -213,12 +221,7 @@ class TraceSequences(ExampleBatches):
                     f"tokens, fewer than train.batch_size {size}: lower train.batch_size or add examples"
                 )
             rows = rows[: len(rows) // size * size]  # full batches only
-            length = lambda row: sum(len(train[i][0]) for i in row)  # noqa: E731
-            chunk, batches = size * self.BUCKET_BATCHES, []
-            for start in range(0, len(rows), chunk):
-                part = sorted(rows[start : start + chunk], key=length)
-                batches += [part[i : i + size] for i in range(0, len(part), size)]
-            self._epoch = (epoch, [batches[i] for i in rng.permutation(len(batches))])
+            self._epoch = (epoch, self._bucketed(rows, lambda row: sum(len(train[i][0]) for i in row), rng))
         return self._epoch[1]
 
     def next_batch(self) -> dict[str, Tensor]:
@@ -243,17 +246,12 @@ class TraceSequences(ExampleBatches):
             raise UserError(f"the trace data has no {name} examples")
         prompts = [self.template.prompt_ids(ex) for ex in examples]
         order = sorted(range(len(examples)), key=lambda i: (len(prompts[i]), len(encoded[i][0]), i))
-        batches, size = [], self.eval_micro
-        groups: dict[int, list[int]] = {}
-        for i in order:
-            groups.setdefault(len(prompts[i]), []).append(i)
-        for group in groups.values():
-            for start in range(0, len(group), size):
-                idx = group[start : start + size]
-                batch = collate([[encoded[i]] for i in idx], self.pad_id)
-                del batch["segment_ids"]  # one example a row: the causal mask alone
-                batch["prompt_ids"] = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
-                batch["index"] = torch.tensor(idx, dtype=torch.long)
-                batch["split"] = torch.full((len(idx),), int(name == "test"), dtype=torch.long)
-                batches.append(batch)
+        batches = []
+        for idx in by_prompt_length(order, [len(p) for p in prompts], self.eval_micro):
+            batch = collate([[encoded[i]] for i in idx], self.pad_id)
+            del batch["segment_ids"]  # one example a row: the causal mask alone
+            batch["prompt_ids"] = torch.tensor([prompts[i] for i in idx], dtype=torch.long)
+            batch["index"] = torch.tensor(idx, dtype=torch.long)
+            batch["split"] = torch.full((len(idx),), int(name == "test"), dtype=torch.long)
+            batches.append(batch)
         return batches
