@@ -103,3 +103,30 @@ def test_spread_and_paired_bootstrap():
     assert same["mean"] == same["lo"] == same["hi"] == 2.0
     mixed = paired_bootstrap([1.0, 0.0, 2.0, 5.0], [0.0, 1.0, 1.0, 1.0])  # differences 1, -1, 1, 4
     assert mixed["lo"] < mixed["mean"] == 1.25 < mixed["hi"] and mixed["lo"] >= -1 and mixed["hi"] <= 4
+
+
+def test_run_lmforge_reuses_a_finished_run_only_from_the_same_clean_commit(tmp_path, monkeypatch):
+    import subprocess
+
+    import lmforge.metrics.runinfo as runinfo
+    from lmforge.experiments.harness import run_lmforge
+
+    launched = []
+
+    def fake_run(cmd, stdout, **kwargs):  # an lmforge run that prints its summary line
+        launched.append(cmd[3:])
+        stdout.write(f'step 1/1 | loss 1.0\n{{"val_loss": {len(launched)}}}\n')
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    git = {"commit": "a" * 40, "dirty": False}
+    monkeypatch.setattr(runinfo, "git_info", lambda path=None: dict(git))
+    log = tmp_path / "arm" / "lr1e-3.log"
+    assert run_lmforge("train", "r.yaml", log=log)[0] == {"val_loss": 1}
+    assert run_lmforge("train", "r.yaml", log=log)[0] == {"val_loss": 1} and len(launched) == 1  # reused
+    assert run_lmforge("train", "r.yaml", "--optim.lr=2e-3", log=log)[0] == {"val_loss": 2}  # other arguments
+    git["commit"] = "b" * 40
+    assert run_lmforge("train", "r.yaml", "--optim.lr=2e-3", log=log)[0] == {"val_loss": 3}  # another commit
+    git["dirty"] = True
+    assert run_lmforge("train", "r.yaml", "--optim.lr=2e-3", log=log)[0] == {"val_loss": 4}  # uncommitted code
+    assert launched[-1] == ["train", "r.yaml", "--optim.lr=2e-3"]

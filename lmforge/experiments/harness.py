@@ -155,15 +155,32 @@ def write_claim_result(path: Path, argv, setup: dict, tuning: dict, verdicts: di
 def run_lmforge(*args: str, log: Path) -> tuple[dict[str, Any], float]:
     """Run `lmforge ARGS` in a fresh process of this Python from the repository root (where relative paths in
     ARGS point), its output to `log`: (its last JSON line, wall seconds). A failure ends the experiment, naming the
-    log."""
+    log.
+
+    A finished run is recorded beside its log (`log` with the suffix .done.json: the arguments, the commit, the
+    output and the seconds) and reused, not rerun, when the same arguments are run again from the same clean commit:
+    an experiment longer than one sitting is continued by running its command again. A dirty checkout never reuses
+    (its code is not pinned by a commit)."""
     import subprocess
 
+    from lmforge.metrics.runinfo import git_info
+
+    root = Path(__file__).resolve().parents[2]
+    git = git_info(root)
+    record = log.with_name(log.name + ".done.json")
+    if record.exists() and git["dirty"] is False:
+        done = json.loads(record.read_text())
+        if done["args"] == list(args) and done["commit"] == git["commit"]:
+            return done["output"], done["seconds"]
     t0 = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         cmd = [sys.executable, "-m", "lmforge.cli", *args]
-        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=root, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         sys.exit(f"lmforge {args[0]} failed (exit {proc.returncode}); see {log}")
     last = [line for line in log.read_text().splitlines() if line.startswith("{")][-1]
-    return json.loads(last), time.perf_counter() - t0
+    output, seconds = json.loads(last), time.perf_counter() - t0
+    done = {"args": list(args), "commit": git["commit"], "output": output, "seconds": seconds}
+    write_result(record, done)
+    return output, seconds
