@@ -145,3 +145,20 @@ def test_installed_command_reports_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.startswith("lmforge: error:") and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "grow", "tie"])
+def test_an_output_over_its_own_input_is_refused_even_with_overwrite(capsys, tiny_hf_dir, tmp_path, command):
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_hf_dir, src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for dst in (src, tmp_path):  # the input itself, or a folder holding it
+        out = [str(dst)] if command == "convert" else ["--out", str(dst)]
+        more = {"grow": ["--layers", "4"], "tie": ["--groups", "all"]}.get(command, [])
+        capsys.readouterr()
+        assert cli.main([command, str(src), *out, *more, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "would replace the input" in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

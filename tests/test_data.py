@@ -617,3 +617,16 @@ def test_starter_corpus_builds(run_data, tmp_path, capsys):
     assert not [d[:60] for d in docs if licence.search(d)]
     assert any(d.startswith("THE TRAGEDY OF KING LEAR") for d in docs) and any(d.startswith("Genesis\n") for d in docs)
     print(f"starter corpus: {tokens:,} tokens in {elapsed:.1f} s")
+
+
+def test_a_vocabulary_smaller_than_asked_or_than_the_model_is_a_warning(tmp_path, data_dir, capsys):
+    from lmforge.data.tokenizer_build import train_bpe
+
+    tok = train_bpe(["the cat sat on the mat. the dog sat on the log."] * 5, 100_000)
+    err = capsys.readouterr().err
+    assert f"bpe:100000 learned only {tok.vocab_size} tokens" in err and err.startswith("lmforge: warning: ")
+    manifest = read_manifest(data_dir)
+    check_tokenizer_matches(manifest, manifest["vocab_size"])
+    assert capsys.readouterr().err == ""  # a model sized to the data: nothing to say
+    check_tokenizer_matches(manifest, manifest["vocab_size"] + 20)
+    assert "20 embedding rows never train" in capsys.readouterr().err

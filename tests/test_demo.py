@@ -45,7 +45,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def tiny_recipe(tmp_path: Path, data: Path, **growth) -> Path:
     recipe = {
-        "model": {"vocab_size": 320, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "ffn_size": 32,
+        "model": {"vocab_size": 300, "hidden_size": 16, "num_layers": 1, "num_heads": 2, "ffn_size": 32,
                   "max_seq_len": 64},
         "data": {"path": str(data)},
         "optim": {"lr": 3e-3, "warmup_steps": 2},

@@ -125,8 +125,13 @@ def test_fused_model_exports_and_loads_in_transformers(family, method, tmp_path)
     sizes = {"hidden": 24, "ffn": 32, "layers": 2} if family == "llama" else {"hidden": 16, "ffn": 32, "layers": 2}
     if family == "llama":
         sizes |= {"heads": 3, "kv_heads": 1}  # head_dim 8 kept, hidden 24 = 3 x 8
-    cfg_f, fused, report = fuse(cfg, state, IDS, method=method, **sizes)
+    told = []
+    cfg_f, fused, report = fuse(cfg, state, IDS, method=method, **sizes, progress=lambda *a: told.append(a))
     assert report["target_params"] == param_count(cfg_f) < report["source_params"]
+    # progress has a total from the start, counts every unit once, and ends complete
+    totals, done = {t for _, _, t in told}, [d for _, d, _ in told]
+    assert len(totals) == 1 and done == list(range(len(told)))
+    assert told[-1] == ("done", *totals, *totals)
     model = model_from_tensors(cfg_f, fused.items(), torch.float32)
     export_hf(model, tmp_path / "hf")
     auto = (

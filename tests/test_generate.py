@@ -182,3 +182,29 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     assert main(["generate", str(path), "--prompt", "hi", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+
+
+def test_cli_refuses_a_model_without_an_lm_head_before_printing_anything(tiny_model_dir, tmp_path, capsys):
+    from lmforge.io.checkpoints import save
+
+    path, model, _ = tiny_model_dir
+    files = tiny_tokenizer_files()
+    for name, cfg in {"classifier": model.config.replace(head="classifier", num_labels=2),
+                      "encoder": model.config.replace(causal=False, head="none")}.items():  # fmt: skip
+        save(random_model(cfg), tmp_path / name, tokenizer_files=files)
+        assert main(["generate", str(tmp_path / name), "--prompt", "the cat"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "generate needs a causal model with a language-model head" in err
+
+
+def test_python_api_loads_the_tokenizer_with_the_model_and_writes_what_the_cli_writes(tiny_model_dir, capsys):
+    import lmforge
+
+    path, _, _ = tiny_model_dir
+    model = lmforge.load(path)
+    tok = model.tokenizer
+    ids = lmforge.generate(model, torch.tensor([tok.encode("the cat")]), 8, greedy=True, eos_id=tok.eos_id)[0]
+    new = ids[len(tok.encode("the cat")) :].tolist()
+    new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
+    assert main(["generate", str(path), "--prompt", "the cat", "--max-new-tokens", "8", "--greedy"]) == 0
+    assert capsys.readouterr().out == "the cat" + tok.decode(new, skip_special_tokens=True) + "\n"

@@ -217,7 +217,7 @@ def trained_run(tmp_path_factory):
         (root / "text" / f"d{d}.txt").write_text(".\n".join(lines))
     build_dataset(root / "data", inputs=[str(root / "text")], tokenizer="bpe:300", val_fraction=0.1, seed=0)
     overrides = {
-        "model.vocab_size": 320, "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
+        "model.vocab_size": 300, "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4,
         "model.ffn_size": 64, "model.max_seq_len": 64, "data.path": str(root / "data"), "train.steps": 3,
         "train.batch_size": 4, "train.seq_len": 32, "train.eval_every": 0, "train.eval_batches": 1,
         "train.out_dir": str(root / "run"), "train.sample_prompts": [], "train.export_hf": False,

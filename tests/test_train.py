@@ -21,7 +21,7 @@ from lmforge.train.recipe import load_recipe
 
 def recipe_file(tmp_path: Path, data: Path, **train) -> Path:
     model = {
-        "vocab_size": 320,
+        "vocab_size": 300,
         "hidden_size": 32,
         "num_layers": 2,
         "num_heads": 4,
@@ -176,3 +176,28 @@ def test_a_fresh_model_exports_the_datas_end_of_text_and_covers_its_training_len
     too_long = recipe_file(tmp_path / "long", data_dir, seq_len=128)  # the test model's max_seq_len is 64
     assert main(["train", str(too_long)]) == 2
     assert "raise model.max_seq_len" in capsys.readouterr().err
+
+
+def test_a_run_folder_resumes_as_it_was_wherever_it_moved(tmp_path, data_dir, capsys):
+    """`lmforge train RUN --resume` takes the run's own config (the overrides it was started with need no retyping),
+    accepts a longer budget, refuses a shorter one without touching the run, and says where it resumes."""
+    r = recipe_file(tmp_path / "a", data_dir, ckpt_every=3, sample_prompts=[])
+    assert main(["train", str(r), "--optim.lr=2e-3"]) == 0  # 6 steps with an override
+    moved = tmp_path / "moved"
+    (tmp_path / "a" / "run").rename(moved)
+    config_before, before = (moved / "config.yaml").read_text(), losses(moved)
+    capsys.readouterr()
+    assert main(["train", str(moved), "--resume", "--train.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "reached step 6, beyond train.steps 4" in err.splitlines()[-1] and "Traceback" not in err
+    assert (moved / "config.yaml").read_text() == config_before  # the refused resume changed nothing
+    assert main(["train", str(moved), "--resume", "--optim.lr=1e-3", "--train.steps=9"]) == 2
+    assert "optim.lr is 0.002 there and 0.001 now" in capsys.readouterr().err
+    assert main(["train", str(moved), "--resume", "--train.steps=9"]) == 0
+    assert "resuming " + str(moved) + " at step 6 of 9" in capsys.readouterr().out
+    after = losses(moved)
+    assert len(after) == 9 and after[:6] == before  # the schedule now spans 9 steps: a longer run, not the same
+    assert "| steps | 9 (stopped by budget) |" in (moved / "report.md").read_text()  # every run: report and plot
+    assert (moved / "loss.png").stat().st_size > 0
+    assert main(["train", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err

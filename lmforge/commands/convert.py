@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from lmforge.io.atomic import refuse_output_over_input
 from lmforge.io.checkpoints import read_checkpoint, save_lmforge
 from lmforge.io.hf_tensors import save_hf
 
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    refuse_output_over_input(args.src, args.dst)
     cfg, tensors, side = read_checkpoint(args.src)
     if args.dtype is not None:
         dtype = DTYPES[args.dtype]

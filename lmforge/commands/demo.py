@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from lmforge.experiments.growth import QUICK_OVERRIDES, load_growth_recipe, run_experiment
+from lmforge.train.recipe import recipe_help
 
 
 # ---- the command -----------------------------------------------------------------------------------------------
@@ -17,7 +18,9 @@ def register(sub) -> None:
         "architecture from scratch with the same recipe, and report the FLOPs each needs to reach the scratch "
         "run's final validation loss. Override any recipe key as --section.key=value (growth.* included).",
     )
-    p.add_argument("--recipe", default=None, help="growth recipe YAML (default: the embedded one; see recipes/)")
+    p.add_argument(
+        "--recipe", default=None, help=recipe_help("growth recipe (default: the embedded one)", "growth-cpu")
+    )
     p.add_argument("--out", default=None, help="experiment folder (default: the recipe's train.out_dir)")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke run of the pipeline (numbers mean nothing)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier experiment in the folder")

@@ -6,6 +6,7 @@ import json
 
 from lmforge.objectives.distill import distill_trainer, load_distill_recipe
 from lmforge.train.loop import run_trainer
+from lmforge.train.recipe import recipe_help
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -17,7 +18,7 @@ def register(sub) -> None:
         "distill.teacher; override any key as --section.key=value (--distill.stop_kl=0.5). The last line printed "
         "is the run's summary as one JSON object.",
     )
-    p.add_argument("recipe", help="recipe YAML with a distill: section (see recipes/fuse-recover-cpu.yaml)")
+    p.add_argument("recipe", help=recipe_help("recipe with a distill: section", "fuse-recover-cpu"))
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
     p.set_defaults(func=run, accepts_overrides=True)
 

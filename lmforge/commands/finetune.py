@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from lmforge.errors import UserError
 from lmforge.train.loop import RESUMABLE_KEYS, Trainer, run_trainer
-from lmforge.train.recipe import Recipe, load_recipe_sections
+from lmforge.train.recipe import Recipe, load_recipe_sections, recipe_help
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def register(sub) -> None:
         description="Fine-tune train.init_from on finetune.task; override any key as --section.key=value. The last "
         "line printed is the final validation metrics as one JSON object.",
     )
-    p.add_argument("recipe", help="recipe YAML with a finetune: section (see recipes/finetune-minilm-mr.yaml)")
+    p.add_argument("recipe", help=recipe_help("recipe with a finetune: section", "finetune-minilm-mr"))
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
     p.set_defaults(func=run, accepts_overrides=True)
 

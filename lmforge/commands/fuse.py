@@ -27,6 +27,7 @@ from tqdm import tqdm
 from lmforge.commands.grow import add_size_flags, size_args
 from lmforge.data.tokens import BatchSampler, TokenDataset, check_tokenizer_matches
 from lmforge.errors import UserError
+from lmforge.io.atomic import refuse_output_over_input
 from lmforge.io.checkpoints import model_from_tensors, read_checkpoint, save_lmforge
 from lmforge.io.hf_tensors import save_hf
 from lmforge.model.config import ModelConfig
@@ -82,6 +83,7 @@ def _ridge(text: str) -> float | None:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    refuse_output_over_input(args.src, args.out)
     for flag in ("calib_seqs", "seq_len"):
         if getattr(args, flag) <= 0:
             raise UserError(f"--{flag.replace('_', '-')} must be positive")
@@ -97,11 +99,12 @@ def run(args: argparse.Namespace) -> int:
     state = dict(tensors)
     calib_ids = BatchSampler(train, args.calib_seqs, args.seq_len, args.seed).next_batch()[0]  # (B, T)
 
-    bar = tqdm(desc=f"{args.method}", unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(desc=args.method, unit="unit", leave=False, dynamic_ncols=True)
 
-    def progress(msg: str) -> None:
+    def progress(msg: str, done: int, total: int) -> None:  # units differ in cost: the ETA is rough
+        bar.total = total
+        bar.update(done - bar.n)
         bar.set_postfix_str(msg)
-        bar.update(1)
 
     if args.method in SURGERY_METHODS:
         cfg_t, out, report = fuse(

@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         raise UserError(f"--device {args.device!r}: {e}") from None
     model = load(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    if model.config.head != "lm" or not model.config.causal:  # checked before anything is printed
+        what = "an encoder" if not model.config.causal else f"a {model.config.head!r} head"
+        raise UserError(f"{args.model} is {what}: generate needs a causal model with a language-model head")
     files = getattr(model, "tokenizer_files", None) or {}
     if "tokenizer.json" not in files:
         raise UserError(f"{args.model} carries no tokenizer.json; generate needs the model's tokenizer")

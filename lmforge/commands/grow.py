@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import UserError
+from lmforge.io.atomic import refuse_output_over_input
 from lmforge.io.checkpoints import load, read_checkpoint, save_lmforge
 from lmforge.io.hf_tensors import save_hf
 from lmforge.model.config import ModelConfig
@@ -58,8 +59,10 @@ def register(subparsers) -> None:
         "grow",
         help="grow a checkpoint wider and/or deeper, keeping its outputs (function-preserving init)",
         description="Grow SRC (a Hugging Face folder, an lmforge folder or a .gguf file) into a larger model at "
-        "DST whose outputs start equal to SRC's. Sizes not given follow the hidden size's factor "
-        "(FFN scales with it; heads keep head_dim); see lmforge/surgery/grow.py for what is exact.",
+        "DST whose outputs start equal to SRC's. Sizes not given follow the hidden size: the FFN scales by its "
+        "factor (rounded); heads become hidden / head_dim when that is a whole number (head_dim is kept), else stay as "
+        "they are (576 -> 864 with 9 heads of 64 keeps 9 heads: 13.5 is impossible; give --heads); KV heads keep the "
+        "query heads per KV head when they can. Exact in float32 for pre-norm models; docs/growth.md says when else.",
     )
     p.add_argument("src", help="checkpoint to grow")
     p.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --overwrite)")
@@ -109,6 +112,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    refuse_output_over_input(args.src, args.out)
     if args.check_text is not None and not Path(args.check_text).is_file():
         raise UserError(f"--check-text {args.check_text} is not a file")
     trained = None

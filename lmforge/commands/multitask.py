@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from lmforge.errors import UserError
 from lmforge.train.loop import RESUMABLE_KEYS, Trainer, run_trainer
-from lmforge.train.recipe import load_recipe_sections
+from lmforge.train.recipe import load_recipe_sections, recipe_help
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def register(sub) -> None:
         description="Train multitask.tasks on train.init_from cut into a shared trunk and per-task branches; override "
         "any key as --section.key=value (docs/multitask.md). final/<task>/ is each task's standard HF classifier.",
     )
-    p.add_argument("recipe", help="recipe YAML with a multitask: section (see recipes/multitask-minilm.yaml)")
+    p.add_argument("recipe", help=recipe_help("recipe with a multitask: section", "multitask-minilm"))
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
     p.set_defaults(func=run, accepts_overrides=True)
 

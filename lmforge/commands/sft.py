@@ -20,7 +20,7 @@ from pathlib import Path
 from lmforge.errors import UserError
 from lmforge.train import parallel
 from lmforge.train.loop import RESUMABLE_KEYS, Trainer, run_trainer
-from lmforge.train.recipe import load_recipe_sections
+from lmforge.train.recipe import load_recipe_sections, recipe_help
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def register(sub) -> None:
         "response; score by generation (answer exact match, trace values); optional self-training rounds. "
         "Override any key as --section.key=value (docs/sft.md).",
     )
-    p.add_argument("recipe", help="recipe YAML with an sft: section (see recipes/sft-addition-cpu.yaml)")
+    p.add_argument("recipe", help=recipe_help("recipe with an sft: section", "sft-addition-cpu"))
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its checkpoints")
     p.set_defaults(func=run, accepts_overrides=True)
 

@@ -13,6 +13,7 @@ import argparse
 import json
 
 from lmforge.errors import UserError
+from lmforge.io.atomic import refuse_output_over_input
 
 
 def register(sub) -> None:
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.io.hf_tensors import save_hf
     from lmforge.surgery.shrink import encoder_params, every_other, merge_groups
 
+    refuse_output_over_input(args.teacher, args.out)
     cfg, tensors, side = read_checkpoint(args.teacher)
     state = dict(tensors)
     if args.method == "merge-groups":

@@ -12,6 +12,7 @@ import argparse
 import json
 
 from lmforge.errors import UserError
+from lmforge.io.atomic import refuse_output_over_input
 from lmforge.surgery.tie import GROUPINGS, PARTS, sharing_groups, tie_state, unique_parameters
 
 
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.eval_batches <= 0:
         raise UserError("--eval-batches must be positive")
+    refuse_output_over_input(args.src, args.out)
     cfg, tensors, side = read_checkpoint(args.src)
     state = dict(tensors)
     parts = tuple(p for p in args.parts.split(",") if p)

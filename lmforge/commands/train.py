@@ -7,7 +7,7 @@ from dataclasses import asdict
 from lmforge.errors import UserError
 from lmforge.objectives.heldout import HeldOutConfig, HeldOutLanguageModelling
 from lmforge.train.loop import Trainer, run_trainer
-from lmforge.train.recipe import load_recipe_sections
+from lmforge.train.recipe import load_recipe_sections, recipe_help
 from lmforge.train.sharing import ShareConfig
 
 
@@ -19,7 +19,7 @@ def register(sub) -> None:
         "groups of layers as one shared unit, then unties them when a condition holds; a model with held-out heads "
         "(model.heldout_layers) trains them on their own loss, weighted by a `heldout` section (docs/training.md).",
     )
-    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("recipe", help=recipe_help("recipe", "tiny-cpu"))
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
     p.set_defaults(func=run, accepts_overrides=True)
 

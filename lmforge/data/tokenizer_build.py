@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import UserError
+from lmforge.errors import UserError, warn
 
 EOT = "<|endoftext|>"
 # Document-end tokens of the common families, in the order we prefer them as a document separator:
@@ -137,6 +137,11 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> DataTokenizer:
         show_progress=sys.stderr.isatty(),
     )
     tok.train_from_iterator(texts, trainer, length=len(texts))
+    if tok.get_vocab_size() < vocab_size:  # the corpus ran out of pairs seen at least twice
+        warn(
+            f"bpe:{vocab_size} learned only {tok.get_vocab_size()} tokens from this corpus: the data's vocabulary is "
+            f"{tok.get_vocab_size()} (a model's vocab_size needs no more)"
+        )
     return hf_tokenizer(tok.to_str().encode("utf-8"), f"trained bpe:{vocab_size}", kind="bpe")
 
 

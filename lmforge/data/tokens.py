@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from lmforge.data.packages import sha256_file
-from lmforge.errors import UserError
+from lmforge.errors import UserError, warn
 from lmforge.io.atomic import atomic_dir
 
 MANIFEST = "manifest.json"
@@ -480,7 +480,12 @@ def check_tokenizer_matches(
             f"the dataset's vocabulary ({vocab} tokens) is larger than the model's vocab_size "
             f"({model_vocab_size}): rebuild the data with the model's tokenizer or enlarge the model"
         )
-    if not tokenizer_files:
+    if not tokenizer_files:  # a fresh model, sized by the recipe
+        if model_vocab_size > vocab:
+            warn(
+                f"model.vocab_size {model_vocab_size} is larger than the dataset's vocabulary ({vocab} tokens): "
+                f"{model_vocab_size - vocab} embedding rows never train, and samples can hold ids no token decodes to"
+            )
         return
     tok = manifest["tokenizer"]
     theirs = tokenizer_files.get(tok["file"])

@@ -57,3 +57,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def refuse_output_over_input(src: str, dst: str | os.PathLike) -> None:
+    """A command's output may not be, or hold, the checkpoint it reads: with --overwrite the input would be replaced
+    by what was made from it."""
+    if str(src).startswith("pkg:"):
+        return
+    s, d = Path(src).resolve(), Path(dst).resolve()
+    if d == s or d in s.parents:
+        raise UserError(f"output {dst} would replace the input {src}: write the result elsewhere")

@@ -129,10 +129,14 @@ def load(
     """Load an HF folder, an lmforge folder or a .gguf file as a Transformer in eval mode.
 
     model(ids (B, T)) gives logits (B, T, V) for an LM, (B, num_labels) for a classifier, hidden states
-    (B, T, C) for a headless encoder. `model.tokenizer_files` holds the tokenizer files found."""
+    (B, T, C) for a headless encoder. `model.tokenizer_files` holds the tokenizer files found, and `model.tokenizer`
+    the tokenizer built from them (None when the checkpoint carries no tokenizer.json)."""
+    from lmforge.data.tokenizer import Tokenizer
+
     cfg, tensors, side = read_checkpoint(path)
     model = model_from_tensors(cfg, tensors, dtype, device)
     model.tokenizer_files = side
+    model.tokenizer = Tokenizer.from_files(side) if "tokenizer.json" in side else None
     return model.eval()
 
 

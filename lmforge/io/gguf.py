@@ -66,7 +66,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Iterator[tuple[str,
 
 # ---- reading the file ----------------------------------------------------------------------------
 def _open(path: Path):
-    import gguf  # an optional dependency: only GGUF import needs it
+    import gguf  # imported here, not at the top: only GGUF import needs it, and it costs start-up time
 
     if not path.exists():
         raise UserError(f"GGUF file {path} does not exist")

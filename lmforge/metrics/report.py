@@ -77,3 +77,37 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_run_report(run_dir: str | Path, summary: dict, describe: str, seconds: float) -> None:
+    """Every run folder's own record for a reader: loss.png (training and validation loss against tokens) and
+    report.md (what ran, where it ended, every final metric, the samples). Written by the first rank at the end."""
+    from lmforge.io.atomic import atomic_write_bytes
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    plot_curves({run_dir.name: rows}, run_dir / "loss.png", x="tokens", title=str(run_dir))
+    skip = {"samples", "out_dir", "steps", "tokens", "flops", "stopped_by", "skipped_steps"}
+    metrics = [[k, v] for k, v in summary.items() if k not in skip and isinstance(v, int | float)]
+    lines = [
+        f"# Run {run_dir}",
+        "",
+        describe.removeprefix("lmforge: "),
+        "",
+        markdown_table(
+            ["", ""],
+            [
+                ["steps", f"{summary['steps']:,} (stopped by {summary['stopped_by']})"],
+                ["tokens", summary["tokens"]],
+                ["training FLOPs", f"{summary['flops']:.3e}"],
+                ["wall time", f"{seconds:,.0f} s"],
+                ["steps skipped (non-finite)", summary["skipped_steps"]],
+                *metrics,
+            ],
+        ),
+        "",
+        "![loss against tokens](loss.png)",
+    ]
+    if summary.get("samples"):
+        lines += ["", "Samples:", "", *(f"```\n{s}\n```" for s in summary["samples"])]
+    atomic_write_bytes(run_dir / "report.md", ("\n".join(lines) + "\n").encode())

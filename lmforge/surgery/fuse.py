@@ -63,7 +63,7 @@ METHODS = {
 }
 READERS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITERS = ("attn.o_proj", "mlp.down_proj")
-Progress = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (what runs now, units done, units in all): a bar with a total and an ETA
 
 
 # ---- target ----------------------------------------------------------------------------------------------------------
@@ -135,7 +135,18 @@ def fuse(
         raise UserError(f"fusion method {method!r} is not one of {', '.join(METHODS)}")
     merge, _, search_map = METHODS[method]
     tgt = target_config(cfg, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
-    say = progress or (lambda _msg: None)
+    # Units of work, for progress: calibration, each layer's dimensions, the hidden map, then the layer stage
+    # (fusion: a calibration and each new block; pruning: one choice). They differ in cost: an ETA is rough.
+    layer_units = (1 + tgt.num_layers if merge else 1) if tgt.num_layers != cfg.num_layers else 0
+    total = 1 + cfg.num_layers + (tgt.hidden_size != cfg.hidden_size) + layer_units
+    done = 0
+
+    def say(msg: str) -> None:  # announces a unit of work, counting those before it as done
+        nonlocal done
+        if progress is not None:
+            progress(msg, done, total)
+        done += 1
+
     dtype = next(iter(state.values())).dtype
     sd = {k: v.float() for k, v in state.items()}
     model = _build(cfg, sd)
@@ -148,13 +159,14 @@ def fuse(
         ffn_size=tgt.ffn_size, num_heads=tgt.num_heads, num_kv_heads=tgt.n_kv_heads, head_dim=cfg.dim_head
     )
     for i in range(cfg.num_layers):
+        say(f"dimensions: layer {i + 1}/{cfg.num_layers}")
         if (tgt.num_heads, tgt.n_kv_heads) != (cfg.num_heads, cfg.n_kv_heads):
             _fuse_heads(cfg, width, model, sd, i, calib, method, ridge)
         if tgt.ffn_size != cfg.ffn_size:
             _fuse_ffn(cfg, tgt.ffn_size, sd, i, calib, method, ridge)
-        say(f"dimensions: layer {i + 1}/{cfg.num_layers}")
     mid = tgt.replace(num_layers=cfg.num_layers)
     if tgt.hidden_size != cfg.hidden_size:
+        say(f"hidden size {cfg.hidden_size} -> {tgt.hidden_size}")
         if search_map:
             sd, report["hidden_map_kl"] = fuse_hidden(
                 cfg, mid, sd, calib, Judge(model, calib_ids[-max(1, len(calib_ids) // 4) :])
@@ -166,9 +178,10 @@ def fuse(
     if tgt.num_layers != cfg.num_layers:
         if merge:
             say("calibrating the dimension-fused model for layer fusion")
-            sd, groups = fuse_layers(mid, sd, calib_ids, tgt.num_layers, ridge)
+            sd, groups = fuse_layers(mid, sd, calib_ids, tgt.num_layers, ridge, say)
             report["layer_groups"] = groups
         else:  # Minitron's depth pruning: keep the most influential blocks of the source
+            say(f"layers {cfg.num_layers} -> {tgt.num_layers}")
             influence = [calib.block_influence(i) for i in range(cfg.num_layers)]
             keep = sorted(sorted(range(cfg.num_layers), key=lambda i: -influence[i])[: tgt.num_layers])
             sd = select_layers(sd, keep)
@@ -177,6 +190,8 @@ def fuse(
     out = {k: sd[k].to(dtype).contiguous() for k in names}
     for k, shape in names.items():
         assert tuple(out[k].shape) == shape, (k, tuple(out[k].shape), shape)
+    if progress is not None:
+        progress("done", done, total)
     return tgt, out, report
 
 
@@ -471,9 +486,15 @@ def drop_layers(
 
 @torch.no_grad()
 def fuse_layers(
-    cfg: ModelConfig, sd: dict[str, Tensor], calib_ids: Tensor, target: int, ridge: float | None
+    cfg: ModelConfig,
+    sd: dict[str, Tensor],
+    calib_ids: Tensor,
+    target: int,
+    ridge: float | None,
+    say: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[dict[str, Tensor], list[list[int]]]:
-    """cfg.num_layers blocks -> `target` blocks (see the module docstring). Returns the state and the groups."""
+    """cfg.num_layers blocks -> `target` blocks (see the module docstring). Returns the state and the groups. `say`
+    is told of each new block before it is made."""
     model = _build(cfg, sd)
     # Candidates are fitted on some calibration sequences and judged on others, so a refit cannot win by
     # memorising its own fitting data.
@@ -491,6 +512,7 @@ def fuse_layers(
 
     out = {k: v for k, v in sd.items() if not k.startswith("layers.")}
     for new, group in enumerate(groups):
+        say(f"layers: block {new + 1}/{len(groups)} from {len(group)}")
         if len(group) == 1:
             block = _layer(sd, group[0])
         else:

@@ -30,6 +30,7 @@ from lmforge.errors import Diverged, Interrupted, UserError
 from lmforge.metrics import runinfo
 from lmforge.metrics.flops import flops_per_token, mfu
 from lmforge.metrics.log import MetricsLogger, Throughput
+from lmforge.metrics.report import write_run_report
 from lmforge.model.generate import sample_text
 from lmforge.model.transformer import Transformer
 from lmforge.objectives.base import Objective
@@ -111,9 +112,11 @@ def model_for_recipe(recipe: Recipe, head: str = "lm") -> tuple[Transformer, Rec
     return model, recipe
 
 
-# Recipe keys that may differ when a run is resumed (extending it, logging differently).
+# Recipe keys that may differ when a run is resumed (extending it, logging differently, the folder moved).
 RESUMABLE_KEYS = (
     "train.steps",
+    "train.out_dir",
+    "train.max_bad_steps",
     "train.log_every",
     "train.eval_every",
     "train.ckpt_every",
@@ -363,6 +366,13 @@ class Trainer:
         )
 
         state = checkpoint.load_checkpoint(self.out, expected_config=self.run_config(), ignore=self.resumable_keys)
+        if state["step"] > self.tc.steps:  # going on would rewrite the run's config and metrics as a shorter run
+            raise UserError(
+                f"{self.out} reached step {state['step']}, beyond train.steps {self.tc.steps}: a resumed run only "
+                f"goes on (give --train.steps={state['step']} or more)"
+            )
+        if self.env.is_main:
+            print(f"lmforge: resuming {self.out} at step {state['step']} of {self.tc.steps}", flush=True)
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, state["model"], options=opts)
         if state["objective"] is not None:
@@ -438,7 +448,9 @@ class Trainer:
         self.log.close()
         name = signal.Signals(got).name
         raise Interrupted(
-            f"{name} at step {self.step}: checkpoint saved; --resume continues from step {self.step}", got
+            f"{name} at step {self.step}: checkpoint saved in {self.out}; the same command with the run folder "
+            f"{self.out} in place of the recipe and --resume continues from step {self.step}",
+            got,
         )
 
     def _check_finite(self, loss: float, gnorm: float) -> None:
@@ -458,6 +470,7 @@ class Trainer:
 
     def _run(self) -> dict:
         tc, env = self.tc, self.env
+        started = time.perf_counter()
         self.log.write(self.describe())
         val0 = self.validate()
         self._log_eval(val0)
@@ -518,6 +531,8 @@ class Trainer:
             **self.objective.summary(val0, val, tokens),
         }
         self.log.close()
+        if env.is_main:
+            write_run_report(self.out, summary, self.describe(), time.perf_counter() - started)
         return summary
 
     def finish(self) -> list[str]:

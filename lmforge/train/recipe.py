@@ -6,7 +6,8 @@
     train:   steps, batch, sequence length, evaluation, checkpoints, precision, parallelism
 
 Every key is checked: an unknown or mistyped key is a one-line error, never silently ignored.
-The resolved recipe (after overrides) is saved in every run folder.
+The resolved recipe (after overrides) is saved in every run folder as config.yaml, and the run folder is a recipe
+itself: `lmforge train RUN_FOLDER --resume [--train.steps=N]` continues that run, wherever the folder now is.
 """
 
 from __future__ import annotations
@@ -130,6 +131,44 @@ def _parse_override(arg: str) -> tuple[list[str], Any]:
     return path, yaml.safe_load(raw) if raw != "" else ""
 
 
+PACKAGED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # shipped in the wheel: lmforge/recipes/*.yaml
+
+
+def packaged_recipe_names() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_RECIPES.glob("*.yaml"))
+
+
+def recipe_help(what: str, example: str) -> str:
+    """The --help line of a command's recipe argument."""
+    names = ", ".join(packaged_recipe_names())
+    return (
+        f"{what}: a YAML file, a run folder (with --resume), or a packaged recipe's name (e.g. {example}; all: {names})"
+    )
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe argument as a file: the path itself when it exists, else the packaged recipe of that name (`tiny-cpu`
+    or `tiny-cpu.yaml`), so a recipe runs from an installed package as from a clone."""
+    given = Path(path)
+    if given.exists() or given.parent != Path("."):
+        return given
+    packaged = PACKAGED_RECIPES / (given.name if given.suffix == ".yaml" else f"{given.name}.yaml")
+    return packaged if packaged.exists() else given
+
+
+def _as_recipe(sections: dict[str, dict], folder: Path, extra_sections: dict[str, type]) -> None:
+    """A run folder's config.yaml (everything resolved) made a recipe for that run again, in place: the run is the
+    folder given (wherever it was moved), a model from train.init_from takes its config from that checkpoint again,
+    and values a command derives and records beside its own section (e.g. kd.layer_map) are derived again (the
+    resumed trainer checks them against the checkpoint's)."""
+    sections["train"]["out_dir"] = str(folder)
+    if sections["train"].get("init_from"):
+        sections["model"] = {}
+    for name, cls in extra_sections.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        sections[name] = {k: v for k, v in sections[name].items() if k in fields}
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read a recipe YAML (or start from defaults when path is None) and apply --a.b=c overrides."""
     return load_recipe_sections(path, overrides)[0]
@@ -145,13 +184,21 @@ def load_recipe_sections(
     defaults) with --section.key=value overrides applied; a command with sections of its own beyond model / data /
     optim / train passes them as extra_sections (e.g. {"distill": DistillConfig}), checked like the others."""
     extra_sections = extra_sections or {}
+    run_folder = path is not None and Path(path).is_dir()
+    if run_folder and not (Path(path) / "config.yaml").is_file():
+        raise UserError(f"{path} is a folder but not a run folder (no config.yaml): give a recipe YAML or a run folder")
     where = f"recipe {path}" if path is not None else "the default recipe"
     raw: dict[str, Any] = {}
     if path is not None or default_text is not None:
         try:
-            raw = yaml.safe_load(Path(path).read_text() if path is not None else default_text) or {}
+            if run_folder:
+                text = (Path(path) / "config.yaml").read_text()
+            else:
+                text = resolve_recipe(path).read_text() if path is not None else default_text
+            raw = yaml.safe_load(text) or {}
         except FileNotFoundError:
-            raise UserError(f"recipe {path} does not exist") from None
+            names = ", ".join(packaged_recipe_names())
+            raise UserError(f"recipe {path} does not exist (a file, or a packaged recipe: {names})") from None
         except (OSError, yaml.YAMLError) as e:
             raise UserError(f"cannot read {where}: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
@@ -164,6 +211,8 @@ def load_recipe_sections(
         if not isinstance(raw.get(k) or {}, dict):
             raise UserError(f"recipe section {k} must be a mapping, got {raw[k]!r}")
     sections = {k: dict(raw.get(k) or {}) for k in known}
+    if run_folder:
+        _as_recipe(sections, Path(path), extra_sections)
     for arg in overrides:
         (section, key), value = _parse_override(arg)
         if section not in sections:
