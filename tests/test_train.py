@@ -176,6 +176,14 @@ def test_a_fresh_model_exports_the_datas_end_of_text_and_covers_its_training_len
     too_long = recipe_file(tmp_path / "long", data_dir, seq_len=128)  # the test model's max_seq_len is 64
     assert main(["train", str(too_long)]) == 2
     assert "raise model.max_seq_len" in capsys.readouterr().err
+    # a RoPE checkpoint trained longer than it declared: the new run declares the length it was trained at
+    longer = tmp_path / "longer" / "recipe.yaml"
+    longer.parent.mkdir()
+    longer.write_text(f"train: {{init_from: {tmp_path / 'run' / 'final'}, seq_len: 128, steps: 1, batch_size: 2, "
+                      f"eval_batches: 1, sample_prompts: [], out_dir: {longer.parent / 'run'}}}\ndata: {{path: {data_dir}}}\n")  # fmt: skip
+    assert main(["train", str(longer)]) == 0
+    assert "the trained model declares 128" in capsys.readouterr().err
+    assert json.loads((longer.parent / "run" / "final" / "config.json").read_text())["max_position_embeddings"] == 128
 
 
 def test_a_run_folder_resumes_as_it_was_wherever_it_moved(tmp_path, data_dir, capsys):

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lmforge.errors import Diverged, Interrupted, UserError
+from lmforge.errors import Diverged, Interrupted, UserError, warn
 from lmforge.metrics import runinfo
 from lmforge.metrics.flops import flops_per_token, mfu
 from lmforge.metrics.log import MetricsLogger, Throughput
@@ -109,6 +109,11 @@ def model_for_recipe(recipe: Recipe, head: str = "lm") -> tuple[Transformer, Rec
             f"train.seq_len {tc.seq_len} exceeds the model's max_seq_len {recipe.model.max_seq_len}"
             + (": raise model.max_seq_len" if fresh else "")
         )
+    if tc.seq_len > recipe.model.max_seq_len:  # RoPE trained longer: the export declares the length trained at
+        warn(f"train.seq_len {tc.seq_len} is beyond {tc.init_from}'s max_seq_len {recipe.model.max_seq_len}: "
+             f"the trained model declares {tc.seq_len}")  # fmt: skip
+        model.config = recipe.model.replace(max_seq_len=tc.seq_len)
+        recipe = replace(recipe, model=model.config)
     return model, recipe
 
 
